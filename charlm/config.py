@@ -1,0 +1,122 @@
+"""Frozen, JSON-able configs, one per stage.
+
+The same dict is the CLI's flags, a Prefect flow's parameters, MLflow's params and Ray's
+train_loop_config, so every field is a plain str/int/float/bool/None.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+T = TypeVar("T", bound="_Config")
+
+CELLS = ("lstm", "gru", "rnn")
+OPTIMIZERS = ("adam", "adamw", "rmsprop")
+SCHEDULES = ("cosine", "step", "constant")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+class _Config:
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls: type[T], d: dict[str, Any]) -> T:
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown field(s) {sorted(unknown)}")
+        return cls(**d)
+
+    def replace(self: T, **changes: Any) -> T:
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+
+@dataclass(frozen=True)
+class ModelConfig(_Config):
+    vocab_size: int
+    cell: str = "lstm"
+    num_layers: int = 2
+    hidden_size: int = 512
+    embed_size: int = 64
+    dropout: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.cell not in CELLS:
+            raise ValueError(f"cell must be one of {CELLS}, got {self.cell!r}")
+        if self.vocab_size < 1 or self.num_layers < 1 or self.hidden_size < 1 or self.embed_size < 1:
+            raise ValueError(f"model sizes must be positive: {self}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True)
+class TrainConfig(_Config):
+    """Everything that decides a training run except the data itself.
+
+    Defaults are the ones tuned on tinyshakespeare for a 10-minute CPU budget (docs/benchmarks.md).
+    """
+
+    # model
+    cell: str = "lstm"
+    num_layers: int = 2
+    hidden_size: int = 512
+    embed_size: int = 64
+    dropout: float = 0.5
+    # data
+    seq_len: int = 100
+    batch_size: int = 64
+    val_frac: float = 0.05
+    test_frac: float = 0.05
+    auto_shrink: bool = False
+    # optimisation
+    optimizer: str = "adam"
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    schedule: str = "cosine"  # cosine (warmup + cosine to min_lr) | step (char-rnn) | constant
+    warmup_steps: int = 100
+    min_lr_frac: float = 0.1
+    lr_decay: float = 0.97  # step schedule: multiply per epoch ...
+    lr_decay_after: int = 10  # ... after this many epochs (char-rnn's learning_rate_decay_after)
+    grad_clip: float = 5.0
+    # length of the run: the first limit reached stops it (at least one must be set)
+    max_steps: int | None = None
+    max_epochs: float | None = None
+    time_budget: float | None = None  # minutes of training (evaluation time excluded)
+    # evaluation and numerics
+    eval_every: int = 200
+    eval_max_batches: int | None = None  # None: the whole val split
+    precision: str = "auto"
+    seed: int = 1337
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        ModelConfig(1, self.cell, self.num_layers, self.hidden_size, self.embed_size, self.dropout)
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.seq_len < 1 or self.batch_size < 1:
+            raise ValueError("seq_len and batch_size must be positive")
+        if not (0 < self.val_frac < 1 and 0 <= self.test_frac < 1 and self.val_frac + self.test_frac < 1):
+            raise ValueError("need 0 < val_frac, 0 <= test_frac and val_frac + test_frac < 1")
+        if self.lr <= 0:
+            raise ValueError("lr must be positive")
+        if self.max_steps is None and self.max_epochs is None and self.time_budget is None:
+            raise ValueError("set at least one of max_steps, max_epochs, time_budget")
+        if self.eval_every < 1 or self.log_every < 1:
+            raise ValueError("eval_every and log_every must be positive")
+
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        return ModelConfig(
+            vocab_size=vocab_size,
+            cell=self.cell,
+            num_layers=self.num_layers,
+            hidden_size=self.hidden_size,
+            embed_size=self.embed_size,
+            dropout=self.dropout,
+        )
