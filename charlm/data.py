@@ -82,7 +82,11 @@ def check_sizes(
         f"batch size {batch_size} x seq-len {seq_len}"
         + (f" x {world_size} workers" if world_size > 1 else "")
         + f" needs at least {need:,} in each of train and val"
-        + (" (use a smaller --batch-size/--seq-len)" if fit < 1 else " (use --auto-shrink or a smaller --batch-size)")
+        + (
+            " (use a smaller --batch-size/--seq-len)"
+            if fit < 1
+            else " (use --auto-shrink or a smaller --batch-size)"
+        )
     )
 
 

@@ -87,7 +87,9 @@ class Vocab:
     @classmethod
     def from_dict(cls, d: Mapping) -> Vocab:
         try:
-            return cls(tuple(chr(int(cp)) for cp in d["codepoints"]), tuple(int(n) for n in d.get("counts", ())))
+            return cls(
+                tuple(chr(int(cp)) for cp in d["codepoints"]), tuple(int(n) for n in d.get("counts", ()))
+            )
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"not a charlm vocabulary: {e}") from e
 

@@ -1,0 +1,495 @@
+"""The `charlm` command. Each subcommand parses flags into a config, runs, and with --json prints
+one JSON object on stdout at the end. Errors are one line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from charlm import __version__
+
+# ---------------------------------------------------------------------------------------------
+# shared helpers
+
+
+class CLIError(Exception):
+    """A problem with what the user asked for; printed as one line."""
+
+
+def _emit_json(obj: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(obj, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def default_store() -> str:
+    return os.environ.get("CHARLM_STORE") or str(Path.home() / ".charlm" / "store")
+
+
+def load_training_data(corpus: str, val_frac: float, test_frac: float, store: str | None = None):
+    """(vocab, splits, fingerprint, label) for a builtin corpus, local file/folder or dataset."""
+    import numpy as np
+
+    from charlm.corpus import DEFAULT_CORPUS, default_corpus_text, read_local_corpus
+    from charlm.data import split_ids
+    from charlm.vocab import Vocab
+
+    if corpus != DEFAULT_CORPUS and not Path(corpus).exists():
+        try:
+            from charlm.datasets import open_dataset
+        except ImportError:  # storage extras not installed
+            open_dataset = None
+        ds = open_dataset(corpus, store) if open_dataset else None
+        if ds is None:
+            raise CLIError(f"{corpus}: not a file, folder, dataset id or dataset URL")
+        return ds.vocab, ds.splits, ds.fingerprint, f"dataset {ds.id}"
+    text = default_corpus_text() if corpus == DEFAULT_CORPUS else read_local_corpus(corpus)
+    vocab = Vocab.from_text(text)
+    ids = vocab.encode(text, where=corpus)
+    h = hashlib.sha256(vocab.to_json().encode())
+    h.update(np.ascontiguousarray(ids).tobytes())
+    h.update(f"{val_frac}/{test_frac}".encode())
+    return vocab, split_ids(ids, val_frac, test_frac), h.hexdigest(), corpus
+
+
+def resolve_model(ref: str, device: str = "cpu"):
+    """(model, vocab, checkpoint dict, label) from a checkpoint file or a training out dir."""
+    from charlm import checkpoint
+
+    p = Path(ref)
+    if p.is_dir():
+        for name in ("best.pt", "last.pt"):
+            if (p / name).is_file():
+                p = p / name
+                break
+        else:
+            raise CLIError(f"{ref}: folder holds no best.pt or last.pt checkpoint")
+    model, vocab, ck = checkpoint.load_model(str(p), name=str(p), device=device)
+    return model, vocab, ck, str(p)
+
+
+# ---------------------------------------------------------------------------------------------
+# train
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    from charlm.config import CELLS, OPTIMIZERS, PRECISIONS, SCHEDULES, TrainConfig
+
+    d = TrainConfig(max_epochs=1)  # defaults
+    m = p.add_argument_group("model")
+    m.add_argument(
+        "--cell", "--model", choices=CELLS, default=d.cell, help="recurrent cell (default %(default)s)"
+    )
+    m.add_argument("--num-layers", type=int, default=d.num_layers, help="layers (default %(default)s)")
+    m.add_argument(
+        "--hidden-size",
+        "--rnn-size",
+        type=int,
+        default=d.hidden_size,
+        help="units per layer (default %(default)s)",
+    )
+    m.add_argument(
+        "--embed-size", type=int, default=d.embed_size, help="character embedding size (default %(default)s)"
+    )
+    m.add_argument(
+        "--dropout",
+        type=float,
+        default=d.dropout,
+        help="dropout between layers and before the head (default %(default)s)",
+    )
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--seq-len",
+        "--seq-length",
+        type=int,
+        default=d.seq_len,
+        help="truncated-BPTT length T (default %(default)s)",
+    )
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        default=d.batch_size,
+        help="parallel streams B per worker (default %(default)s)",
+    )
+    g.add_argument(
+        "--val-frac",
+        type=float,
+        default=d.val_frac,
+        help="validation fraction for a raw corpus (default %(default)s)",
+    )
+    g.add_argument(
+        "--test-frac",
+        type=float,
+        default=d.test_frac,
+        help="test fraction for a raw corpus, may be 0 (default %(default)s)",
+    )
+    g.add_argument(
+        "--auto-shrink", action="store_true", help="shrink the batch size when the corpus is too small for it"
+    )
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer, help="(default %(default)s)")
+    o.add_argument(
+        "--lr", "--learning-rate", type=float, default=d.lr, help="peak learning rate (default %(default)s)"
+    )
+    o.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default=d.schedule,
+        help="lr schedule: warmup+cosine, char-rnn's step decay, or constant (default %(default)s)",
+    )
+    o.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="(default %(default)s)")
+    o.add_argument(
+        "--min-lr-frac",
+        type=float,
+        default=d.min_lr_frac,
+        help="cosine floor as a fraction of --lr (default %(default)s)",
+    )
+    o.add_argument(
+        "--lr-decay",
+        "--learning-rate-decay",
+        type=float,
+        default=d.lr_decay,
+        help="step schedule: factor per epoch (default %(default)s)",
+    )
+    o.add_argument(
+        "--lr-decay-after",
+        "--learning-rate-decay-after",
+        type=int,
+        default=d.lr_decay_after,
+        help="step schedule: first decayed epoch (default %(default)s)",
+    )
+    o.add_argument("--weight-decay", type=float, default=d.weight_decay, help="(default %(default)s)")
+    o.add_argument(
+        "--grad-clip", type=float, default=d.grad_clip, help="global gradient-norm clip (default %(default)s)"
+    )
+    r = p.add_argument_group("run length (the first limit reached stops; default --max-epochs 10)")
+    r.add_argument("--max-steps", type=int, default=None, help="optimizer steps")
+    r.add_argument("--max-epochs", type=float, default=None, help="passes over the training split")
+    r.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        metavar="MINUTES",
+        help="minutes of training (evaluation excluded)",
+    )
+    e = p.add_argument_group("evaluation and numerics")
+    e.add_argument(
+        "--eval-every",
+        "--eval-val-every",
+        type=int,
+        default=d.eval_every,
+        help="steps between evaluations on the whole val split (default %(default)s)",
+    )
+    e.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=d.precision,
+        help="auto = bf16 where the hardware runs it natively (default %(default)s)",
+    )
+    e.add_argument("--seed", type=int, default=d.seed, help="(default %(default)s)")
+    e.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default %(default)s)")
+
+
+def train_config_from_args(a: argparse.Namespace):
+    from charlm.config import TrainConfig
+
+    limits = (a.max_steps, a.max_epochs, a.time_budget)
+    return TrainConfig(
+        cell=a.cell,
+        num_layers=a.num_layers,
+        hidden_size=a.hidden_size,
+        embed_size=a.embed_size,
+        dropout=a.dropout,
+        seq_len=a.seq_len,
+        batch_size=a.batch_size,
+        val_frac=a.val_frac,
+        test_frac=a.test_frac,
+        auto_shrink=a.auto_shrink,
+        optimizer=a.optimizer,
+        lr=a.lr,
+        weight_decay=a.weight_decay,
+        schedule=a.schedule,
+        warmup_steps=a.warmup_steps,
+        min_lr_frac=a.min_lr_frac,
+        lr_decay=a.lr_decay,
+        lr_decay_after=a.lr_decay_after,
+        grad_clip=a.grad_clip,
+        max_steps=a.max_steps,
+        max_epochs=a.max_epochs if any(x is not None for x in limits) else 10,
+        time_budget=a.time_budget,
+        eval_every=a.eval_every,
+        precision=a.precision,
+        seed=a.seed,
+    )
+
+
+def run_local_training(
+    cfg, corpus: str, out: Path, *, resume: bool, quiet: bool, store: str | None = None, device: str = "auto"
+) -> dict:
+    """Plain single-process training into a local out dir: checkpoints, metrics, loss.png."""
+    from charlm import checkpoint
+    from charlm.callbacks import CheckpointFiles, MetricsFile, ProgressBar
+    from charlm.train import TrainingDiverged, pick_device, train
+
+    vocab, splits, fp, label = load_training_data(corpus, cfg.val_frac, cfg.test_frac, store)
+    last = out / "last.pt"
+    start = None
+    if resume and last.is_file():
+        start = checkpoint.load(last)
+    elif last.exists() and not resume:
+        raise CLIError(
+            f"{out}: already holds a training run (last.pt); pass --resume to continue it or choose another --out"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps({"corpus": corpus, "train_config": cfg.to_dict()}, indent=2))
+    callbacks = [MetricsFile(out), CheckpointFiles(out)]
+    if not quiet:
+        callbacks.append(ProgressBar())
+    try:
+        result = train(
+            cfg,
+            vocab,
+            splits,
+            callbacks=callbacks,
+            resume=start,
+            device=pick_device() if device == "auto" else device,
+            corpus_fingerprint=fp,
+            corpus_name=label,
+        )
+    except TrainingDiverged as e:
+        kept = f"; last good checkpoint: {last}" if last.is_file() else "; no checkpoint was written"
+        raise CLIError(f"{out}: {e}{kept}") from e
+    summary = {
+        "out_dir": str(out),
+        "corpus": label,
+        "corpus_fingerprint": fp,
+        "vocab_size": len(vocab),
+        "best_checkpoint": str(out / "best.pt"),
+        "last_checkpoint": str(last),
+        **result,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def cmd_train(a: argparse.Namespace) -> dict:
+    cfg = train_config_from_args(a)
+    quiet = a.json and not sys.stderr.isatty()
+    summary = run_local_training(
+        cfg, a.corpus, Path(a.out), resume=a.resume, quiet=quiet, store=a.store, device=a.device
+    )
+    if not a.json:
+        print(
+            f"trained {summary['steps']} steps ({summary['epochs']:.2f} epochs): best val loss "
+            f"{summary['best_val_loss']:.4f} nats/char ({summary['best_val_bpc']:.4f} bpc), "
+            f"{summary['chars_per_s']:,.0f} chars/s; checkpoints in {summary['out_dir']}",
+            file=sys.stderr,
+        )
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# sample
+
+
+def _add_sample_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--prime",
+        "--primetext",
+        action="append",
+        default=None,
+        help="text to start from; repeat for several streams (default: one character drawn from the corpus frequencies)",
+    )
+    p.add_argument(
+        "--length", type=int, default=500, help="characters to generate per sample (default %(default)s)"
+    )
+    p.add_argument("--num-samples", type=int, default=1, help="samples per prime (default %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = argmax (default %(default)s)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely characters (0 = all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default %(default)s)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="samples are reproducible for a seed (default %(default)s)"
+    )
+    p.add_argument("--stop", default=None, help="stop a sample when this string appears (it is not printed)")
+    p.add_argument(
+        "--precision", choices=("auto", "fp32", "bf16"), default="auto", help="(default %(default)s)"
+    )
+
+
+def generate_samples(model, vocab, a: argparse.Namespace, stream: bool) -> list[dict]:
+    from charlm.sample import Sampler
+
+    primes = a.prime or [""]
+    prompts = [p for p in primes for _ in range(a.num_samples)]
+    for i, p in enumerate(primes):  # before anything is printed
+        vocab.encode(p, where=f"--prime {p!r}" if len(primes) > 1 else "--prime text")
+    sampler = Sampler(model, vocab, precision=a.precision, max_batch=len(prompts))
+    on_text = None
+    if stream and len(prompts) == 1:
+        sys.stdout.write(prompts[0])
+
+        def on_text(i: int, text: str) -> None:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+    texts = sampler.generate(
+        prompts,
+        a.length,
+        temperature=a.temperature,
+        top_k=a.top_k,
+        top_p=a.top_p,
+        seed=a.seed,
+        stop=a.stop,
+        on_text=on_text,
+    )
+    if stream and len(prompts) == 1:
+        sys.stdout.write("\n")
+    elif stream:
+        for i, (p, t) in enumerate(zip(prompts, texts, strict=True)):
+            print(f"--- sample {i + 1} ---\n{p}{t}")
+    return [{"prime": p, "text": t} for p, t in zip(prompts, texts, strict=True)]
+
+
+def cmd_sample(a: argparse.Namespace) -> dict:
+    model, vocab, ck, label = resolve_model(a.model)
+    samples = generate_samples(model, vocab, a, stream=not a.json)
+    return {
+        "model": label,
+        "step": ck.get("step"),
+        "params": {
+            k: getattr(a, k)
+            for k in ("length", "temperature", "top_k", "top_p", "seed", "stop", "num_samples")
+        },
+        "samples": samples,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# demo
+
+
+def cmd_demo(a: argparse.Namespace) -> dict:
+    from charlm.config import TrainConfig
+    from charlm.corpus import DEFAULT_CORPUS
+
+    out = Path(a.out) if a.out else Path(default_store()) / "runs" / time.strftime("demo-%Y%m%d-%H%M%S")
+    cfg = TrainConfig(time_budget=a.minutes, eval_every=100, hidden_size=a.hidden_size, seed=a.seed)
+    print(
+        f"charlm demo: training a {cfg.num_layers}x{cfg.hidden_size} {cfg.cell.upper()} on the Python standard "
+        f"library's source for {a.minutes:g} minutes -> {out}",
+        file=sys.stderr,
+    )
+    summary = run_local_training(cfg, DEFAULT_CORPUS, out, resume=False, quiet=False)
+    from charlm.sample import Sampler
+
+    model, vocab, _, label = resolve_model(str(out))
+    primes = ["def ", "class ", "import "]
+    texts = Sampler(model, vocab, max_batch=len(primes)).generate(
+        primes, a.length, temperature=0.7, seed=a.seed
+    )
+    if not a.json:
+        for p, t in zip(primes, texts, strict=True):
+            print(f"--- sample (prime {p!r}) ---\n{p}{t}\n")
+        print(
+            f"best val loss {summary['best_val_loss']:.4f} nats/char ({summary['best_val_bpc']:.3f} bpc) after "
+            f"{summary['steps']} steps at {summary['chars_per_s']:,.0f} chars/s.\n"
+            f"more samples: charlm sample {label} --prime 'def ' --temperature 0.8",
+        )
+    return {**summary, "samples": [{"prime": p, "text": t} for p, t in zip(primes, texts, strict=True)]}
+
+
+# ---------------------------------------------------------------------------------------------
+# wiring
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="charlm",
+        description="Character-level language models: ingest corpora, train (locally or on Ray), track in MLflow, generate.",
+    )
+    parser.add_argument("--version", action="version", version=f"charlm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser(
+        "train",
+        help="train a model on a corpus or dataset",
+        description="Train a character-level model. CORPUS is a text file, a folder of text files, 'builtin:python-stdlib', or a dataset id/URL from `charlm ingest`.",
+    )
+    t.add_argument("corpus", metavar="CORPUS")
+    t.add_argument(
+        "--out",
+        "--checkpoint-dir",
+        required=True,
+        help="folder for checkpoints (last.pt, best.pt), metrics.jsonl and loss.png",
+    )
+    t.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its last checkpoint, exactly"
+    )
+    t.add_argument(
+        "--store", default=None, help="store root for dataset ids (default $CHARLM_STORE or ~/.charlm/store)"
+    )
+    _add_train_flags(t)
+    t.set_defaults(func=cmd_train)
+
+    s = sub.add_parser(
+        "sample",
+        help="generate text from a trained model",
+        description="Generate text. MODEL is a checkpoint file or a training --out folder (its best.pt).",
+    )
+    s.add_argument("model", metavar="MODEL")
+    _add_sample_flags(s)
+    s.set_defaults(func=cmd_sample)
+
+    d = sub.add_parser(
+        "demo",
+        help="train on the embedded default corpus for a few minutes, then sample",
+        description="The main job on the embedded default: trains on the Python standard library's own source (present on any machine with Python) and prints samples.",
+    )
+    d.add_argument("--minutes", type=float, default=4.0, help="training time budget (default %(default)s)")
+    d.add_argument("--hidden-size", type=int, default=512, help="(default %(default)s)")
+    d.add_argument("--length", type=int, default=400, help="characters per sample (default %(default)s)")
+    d.add_argument("--seed", type=int, default=1337)
+    d.add_argument("--out", default=None, help="run folder (default $CHARLM_STORE/runs/demo-<time>)")
+    d.set_defaults(func=cmd_demo)
+
+    try:
+        from charlm.cli_datasets import add_commands
+    except ImportError:
+        pass
+    else:
+        add_commands(sub)
+
+    for action in sub.choices.values():
+        if not any("--json" in a.option_strings for a in action._actions):
+            action.add_argument(
+                "--json", action="store_true", help="print one JSON object on stdout at the end"
+            )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = args.func(args)
+    except KeyboardInterrupt:
+        print("charlm: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # one clear line; CHARLM_DEBUG=1 for the traceback
+        if os.environ.get("CHARLM_DEBUG"):
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"charlm: error: {msg}", file=sys.stderr)
+        return 1
+    if getattr(args, "json", False) and result is not None:
+        _emit_json(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
