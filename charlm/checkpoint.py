@@ -138,7 +138,9 @@ def load(source: str | os.PathLike | IO[bytes] | bytes, name: str | None = None)
     try:
         ckpt = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, pickle with foreign objects, not a torch file...
-        raise CheckpointError(f"{label}: not a readable charlm checkpoint (truncated or corrupt?): {_reason(e)}") from e
+        raise CheckpointError(
+            f"{label}: not a readable charlm checkpoint (truncated or corrupt?): {_reason(e)}"
+        ) from e
     validate(ckpt, label)
     return ckpt
 
@@ -146,7 +148,10 @@ def load(source: str | os.PathLike | IO[bytes] | bytes, name: str | None = None)
 def _reason(e: Exception) -> str:
     text = str(e)
     if "WeightsUnpickler error:" in text:  # a pickle that holds more than tensors and primitives
-        return "holds objects other than tensors and primitives: " + text.split("WeightsUnpickler error:")[1].split(".")[0].strip()
+        return (
+            "holds objects other than tensors and primitives: "
+            + text.split("WeightsUnpickler error:")[1].split(".")[0].strip()
+        )
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     return lines[0].split(". ")[0] if lines else type(e).__name__
 
@@ -182,14 +187,14 @@ def load_model(
 ) -> tuple[CharLM, Vocab, dict[str, Any]]:
     """(model in eval mode on device, vocab, checkpoint dict) from a file or a loaded dict."""
     ckpt = source if isinstance(source, dict) else load(source, name)
-    label = name or "checkpoint"
+    label = name or (str(source) if isinstance(source, str | os.PathLike) else "checkpoint")
     cfg = ModelConfig.from_dict(ckpt["model_config"])
     model = CharLM(cfg)
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as e:
         raise CheckpointError(
-            f"{label}: weights do not match its model config: {str(e).splitlines()[0]}"
+            f"{label}: weights do not match its model config: {str(e).splitlines()[-1].strip()}"
         ) from e
     model.to(device).eval()
     return model, Vocab.from_dict(ckpt["vocab"]), ckpt

@@ -1,0 +1,203 @@
+"""The training loop and the sampler, at tiny sizes."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from charlm import checkpoint
+from charlm.callbacks import CheckpointFiles, MetricsFile
+from charlm.config import TrainConfig
+from charlm.data import split_ids
+from charlm.model import CharLM
+from charlm.sample import Sampler, sample
+from charlm.train import Callback, TrainingDiverged, evaluate, train
+from charlm.vocab import UnknownCharactersError, Vocab
+
+TEXT = "the quick brown fox jumps over the lazy dog. " * 60
+
+
+def _data(text=TEXT, val=0.1):
+    vocab = Vocab.from_text(text)
+    ids = vocab.encode(text)
+    return vocab, split_ids(ids, val, 0.0)
+
+
+def _cfg(**kw):
+    base = dict(
+        hidden_size=32,
+        embed_size=8,
+        num_layers=2,
+        dropout=0.1,
+        seq_len=16,
+        batch_size=4,
+        max_steps=30,
+        eval_every=10,
+        log_every=1,
+        warmup_steps=5,
+        precision="fp32",
+        seed=3,
+        lr=1e-2,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+class Recorder(Callback):
+    def __init__(self, stop_at=None):
+        self.losses, self.evals, self.stop_at = {}, [], stop_at
+
+    def on_log(self, run, m):
+        self.losses[m["step"]] = m["train_loss"]
+
+    def on_eval(self, run, m):
+        self.evals.append(m)
+
+    def should_stop(self, run):
+        return self.stop_at is not None and run.step >= self.stop_at
+
+
+def test_overfits_a_30_char_string():
+    text = "abcdefghij0123456789ABCDEFGHIJ"  # 30 distinct characters
+    vocab = Vocab.from_text(text)
+    ids = np.tile(vocab.encode(text), 40)
+    # val = the whole string sequence again, so the few cold-start characters of a stream
+    # (zero state, never seen mid-training) weigh little in its mean
+    splits = {"train": ids, "val": ids, "test": ids[:0]}
+    cfg = _cfg(hidden_size=64, dropout=0.0, lr=1e-2, max_steps=300, eval_every=100, seq_len=15, batch_size=2)
+    rec = Recorder()
+    res = train(cfg, vocab, splits, callbacks=[rec], device="cpu")
+    assert rec.losses[300] < 0.05 < 3.0 < rec.losses[1]
+    assert res["best_val_loss"] < 0.1
+
+
+def test_seeded_runs_are_reproducible_and_loss_decreases():
+    vocab, splits = _data()
+    a, b = Recorder(), Recorder()
+    ra = train(_cfg(), vocab, splits, callbacks=[a], device="cpu")
+    rb = train(_cfg(), vocab, splits, callbacks=[b], device="cpu")
+    assert a.losses == b.losses and ra["best_val_loss"] == rb["best_val_loss"]
+    assert a.losses[30] < a.losses[1] - 0.5
+    c = Recorder()
+    train(_cfg(seed=4), vocab, splits, callbacks=[c], device="cpu")
+    assert c.losses != a.losses
+    assert abs(a.losses[1] - math.log(len(vocab))) < 0.3  # starts at ~ ln V
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    """Interrupt at step 20 (mid-run, mid-epoch), resume from last.pt: same losses after."""
+    vocab, splits = _data()
+    cfg = _cfg(max_steps=40, eval_every=10, dropout=0.3)
+    full = Recorder()
+    train(cfg, vocab, splits, callbacks=[full], device="cpu")
+    first = Recorder(stop_at=20)
+    train(cfg, vocab, splits, callbacks=[first, CheckpointFiles(tmp_path)], device="cpu")
+    ck = checkpoint.load(tmp_path / "last.pt")
+    assert ck["step"] == 20 and ck["carry"] is not None
+    rest = Recorder()
+    train(cfg, vocab, splits, callbacks=[rest], resume=ck, device="cpu")
+    assert min(rest.losses) == 21
+    assert {s: rest.losses[s] for s in range(21, 41)} == {s: full.losses[s] for s in range(21, 41)}
+
+
+def test_epoch_boundaries_reset_state_and_advance_epochs():
+    vocab, splits = _data(val=0.3)
+    cfg = _cfg(max_epochs=3, max_steps=None, eval_every=1000)
+    res = train(cfg, vocab, splits, device="cpu")
+    assert res["stopped_by"] == "max_epochs" and res["epochs"] >= 3
+
+
+def test_nan_aborts_with_clear_error_and_keeps_last_good_checkpoint(tmp_path):
+    vocab, splits = _data()
+
+    class Poison(Callback):
+        def on_eval(self, run, m):
+            if run.step == 10:
+                with torch.no_grad():
+                    run.model.head.weight.fill_(float("nan"))
+
+    with pytest.raises(TrainingDiverged, match=r"step 11.*loss nan"):
+        train(_cfg(), vocab, splits, callbacks=[CheckpointFiles(tmp_path), Poison()], device="cpu")
+    ck = checkpoint.load(tmp_path / "last.pt")  # validate() rejects non-finite weights
+    assert ck["step"] == 10
+
+
+def test_bf16_trains_and_writes_metrics_and_plot(tmp_path):
+    vocab, splits = _data()
+    res = train(_cfg(precision="bf16"), vocab, splits, callbacks=[MetricsFile(tmp_path)], device="cpu")
+    assert res["precision"] == "bf16" and math.isfinite(res["best_val_loss"])
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 30 + 3 and (tmp_path / "loss.png").stat().st_size > 1000
+
+
+def test_evaluate_shrinks_for_short_splits():
+    vocab, splits = _data()
+    model = CharLM(_cfg().model_config(len(vocab)))
+    loss, n = evaluate(model, splits["val"][:50], 64, 100)
+    assert n > 0 and math.isfinite(loss)
+
+
+# -- sampling ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained():
+    vocab, splits = _data()
+    torch.manual_seed(0)
+    model = CharLM(_cfg().model_config(len(vocab))).eval()
+    return model, vocab
+
+
+def test_seeded_sampling_is_reproducible(trained):
+    model, vocab = trained
+    s = Sampler(model, vocab, precision="fp32")
+    a = s.generate(["the ", "qu", ""], 40, seed=11)
+    assert a == s.generate(["the ", "qu", ""], 40, seed=11)
+    assert a != s.generate(["the ", "qu", ""], 40, seed=12)
+    assert [len(t) for t in a] == [40, 40, 40]
+
+
+def test_temperature_zero_is_argmax(trained):
+    model, vocab = trained
+    out = Sampler(model, vocab, precision="fp32").generate(["the q"], 25, temperature=0)[0]
+    ids = vocab.encode("the q").tolist()
+    for _ in range(25):
+        logits, _ = model(torch.tensor([ids]))
+        ids.append(int(logits[0, -1].argmax()))
+    assert out == vocab.decode(ids[5:])
+    assert sample(model, vocab, ["the q"], 25, top_k=1, precision="fp32")[0] == out
+
+
+def test_a_stream_does_not_depend_on_its_batch(trained):
+    model, vocab = trained
+    s = Sampler(model, vocab, precision="fp32")
+    batch = s.generate(["a", "the lazy d", "x"], 30, seed=5, stream_ids=[7, 8, 9])
+    alone = s.generate(["the lazy d"], 30, seed=5, stream_ids=[8])
+    assert batch[1] == alone[0]
+
+
+def test_top_p_and_top_k_restrict_the_support(trained):
+    model, vocab = trained
+    s = Sampler(model, vocab, precision="fp32")
+    greedy = s.generate(["the "], 20, temperature=0)[0]
+    assert s.generate(["the "], 20, top_p=1e-6, seed=1)[0] == greedy  # only the top token survives
+    assert s.generate(["the "], 20, top_k=1, seed=2)[0] == greedy
+
+
+def test_stop_string_ends_a_stream_and_streaming_matches(trained):
+    model, vocab = trained
+    s = Sampler(model, vocab, precision="fp32")
+    full = s.generate(["t"], 200, seed=3)[0]
+    stop = full[50:52]
+    got: list[str] = []
+    cut = s.generate(["t"], 200, seed=3, stop=stop, on_text=lambda i, t: got.append(t))[0]
+    assert cut == full[: full.index(stop)] and "".join(got) == cut
+
+
+def test_unknown_prime_characters_are_named(trained):
+    model, vocab = trained
+    with pytest.raises(UnknownCharactersError, match=r"prime text 2 .*'Z' \(U\+005A\)"):
+        Sampler(model, vocab).generate(["the", "Zebra"], 5)
