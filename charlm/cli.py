@@ -326,7 +326,7 @@ def generate_samples(model, vocab, a: argparse.Namespace, stream: bool) -> list[
 
     primes = a.prime or [""]
     prompts = [p for p in primes for _ in range(a.num_samples)]
-    for i, p in enumerate(primes):  # before anything is printed
+    for p in primes:  # before anything is printed
         vocab.encode(p, where=f"--prime {p!r}" if len(primes) > 1 else "--prime text")
     sampler = Sampler(model, vocab, precision=a.precision, max_batch=len(prompts))
     on_text = None

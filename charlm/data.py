@@ -29,8 +29,8 @@ class CorpusTooSmallError(ValueError):
 def split_ids(ids: np.ndarray, val_frac: float = 0.05, test_frac: float = 0.05) -> dict[str, np.ndarray]:
     """Contiguous train | val | test split (views, no copy). test may be empty."""
     n = len(ids)
-    n_test = int(round(n * test_frac))
-    n_val = int(round(n * val_frac))
+    n_test = round(n * test_frac)
+    n_val = round(n * val_frac)
     n_train = n - n_val - n_test
     return {
         "train": ids[:n_train],

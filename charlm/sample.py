@@ -86,53 +86,75 @@ class Sampler:
 
     @torch.no_grad()
     def _build(self, batch: int) -> None:
-        rnn, L, dt = self.model.rnn, self.cfg.num_layers, self.dtype
+        rnn, L, dt, cell = self.model.rnn, self.cfg.num_layers, self.dtype, self.cfg.cell
         w = {name: p.detach().float() for name, p in rnn.named_parameters()}
         # Layer 0's input projection for every character: (V, E) @ (E, G) -> (V, G), G = gates*H.
         emb = self.model.embed.weight.detach().float()
-        self.table0 = emb @ w["weight_ih_l0"].t() + w["bias_ih_l0"]
-        self.ih = [None] + [_Linear(w[f"weight_ih_l{k}"], w[f"bias_ih_l{k}"], dt, batch) for k in range(1, L)]
-        self.hh = [_Linear(w[f"weight_hh_l{k}"], w[f"bias_hh_l{k}"], dt, batch) for k in range(L)]
+        table = emb @ w["weight_ih_l0"].t() + w["bias_ih_l0"]
+        if cell != "gru":  # LSTM/RNN add both biases to the same pre-activation: fold b_hh in
+            table += w["bias_hh_l0"]
+            self.hh0 = _Linear(w["weight_hh_l0"], None, dt, batch)
+        else:
+            self.hh0 = _Linear(w["weight_hh_l0"], w["bias_hh_l0"], dt, batch)
+        self.table0 = table.to(dt)
+        # Upper layers: LSTM/RNN run [x, h] @ [W_ih; W_hh]^T as one GEMM (K = 2H); GRU needs
+        # the two products apart (r gates only the recurrent part of n).
+        self.upper: list[tuple[_Linear, _Linear | None]] = []
+        for k in range(1, L):
+            wi, wh, bi, bh = (w[f"{n}_l{k}"] for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+            if cell == "gru":
+                self.upper.append((_Linear(wi, bi, dt, batch), _Linear(wh, bh, dt, batch)))
+            else:
+                self.upper.append((_Linear(torch.cat([wi, wh], 1), bi + bh, dt, batch), None))
         self.head = _Linear(self.model.head.weight.float(), self.model.head.bias.float(), dt, batch)
         self._built_for = batch
 
     def _step(self, tok: torch.Tensor, state: list[torch.Tensor]) -> torch.Tensor:
-        """One character for every stream. tok: (N,) ids; state: per layer h (and c), fp32 (N, H).
-        Returns logits (N, V) fp32 and updates state in place of the list."""
-        cell, H, dt = self.cfg.cell, self.cfg.hidden_size, self.dtype
+        """One character for every stream. tok: (N,) ids; state: per layer h (compute dtype, the
+        GEMM input) and for LSTM c (fp32, it accumulates), each (N, H). Updates state in place;
+        returns logits (N, V) fp32."""
+        cell, H = self.cfg.cell, self.cfg.hidden_size
         x = None
         for k in range(self.cfg.num_layers):
-            gi = self.table0.index_select(0, tok) if k == 0 else self.ih[k](x.to(dt)).float()  # (N, G)
+            h = state[2 * k] if cell == "lstm" else state[k]
+            if k == 0:
+                pre = self.table0.index_select(0, tok)  # (N, G)
+                gh = self.hh0(h)
+            elif cell == "gru":
+                ih, hh = self.upper[k - 1]
+                pre, gh = ih(x), hh(h)
+            else:
+                pre, gh = self.upper[k - 1][0](torch.cat([x, h], 1)), None
             if cell == "lstm":
-                h, c = state[2 * k], state[2 * k + 1]
-                g = gi.add_(self.hh[k](h.to(dt)))  # (N, 4H): i, f, g, o
+                g = pre.add_(gh) if gh is not None else pre  # (N, 4H): i, f, g, o
                 a = torch.sigmoid(g)
                 gg = torch.tanh(g[:, 2 * H : 3 * H])
-                c = torch.addcmul(a[:, H : 2 * H] * c, a[:, :H], gg)
-                h = a[:, 3 * H :] * torch.tanh(c)
+                c = torch.addcmul(a[:, H : 2 * H] * state[2 * k + 1], a[:, :H], gg)  # fp32
+                h = (a[:, 3 * H :] * torch.tanh(c)).to(self.dtype)
                 state[2 * k], state[2 * k + 1] = h, c
             elif cell == "gru":
-                h = state[k]
-                gh = self.hh[k](h.to(dt)).float()  # (N, 3H): r, z, n
-                rz = torch.sigmoid(gi[:, : 2 * H] + gh[:, : 2 * H])
-                n = torch.tanh(torch.addcmul(gi[:, 2 * H :], rz[:, :H], gh[:, 2 * H :]))
-                h = torch.lerp(n, h, rz[:, H:])  # (1 - z) * n + z * h
+                rz = torch.sigmoid(pre[:, : 2 * H] + gh[:, : 2 * H])  # (N, 2H): r, z
+                n = torch.tanh(torch.addcmul(pre[:, 2 * H :], rz[:, :H], gh[:, 2 * H :]))
+                h = torch.lerp(n.float(), h.float(), rz[:, H:].float()).to(self.dtype)  # (1-z)n + zh
                 state[k] = h
             else:
-                h = torch.tanh(gi.add_(self.hh[k](state[k].to(dt))))
+                h = torch.tanh(pre.add_(gh) if gh is not None else pre)
                 state[k] = h
             x = h
-        return self.head(x.to(dt)).float()
+        return self.head(x).float()
 
     def _initial_state(self, prefix: torch.Tensor | None, n: int) -> list[torch.Tensor]:
-        """Per-layer fp32 state after running the (N, P) prefix through the fused model."""
+        """Per-layer state after running the (N, P) prefix through the fused model."""
+        H, L, lstm = self.cfg.hidden_size, self.cfg.num_layers, self.cfg.cell == "lstm"
         if prefix is None or prefix.shape[1] == 0:
-            z = torch.zeros(n, self.cfg.hidden_size, device=self.device)
-            return [z.clone() for _ in range(self.cfg.num_layers * self.model.n_state)]
-        _, st = self.model(prefix)
+            st = [torch.zeros(L, n, H, device=self.device) for _ in range(self.model.n_state)]
+        else:
+            _, st = self.model(prefix)
         out = []
-        for k in range(self.cfg.num_layers):
-            out.extend(s[k].float() for s in st)
+        for k in range(L):
+            out.append(st[0][k].to(self.dtype))
+            if lstm:
+                out.append(st[1][k].float())
         return out
 
     def _noise(self, stream_keys: torch.Tensor, gen_step: torch.Tensor) -> torch.Tensor:

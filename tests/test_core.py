@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import pickle
@@ -77,7 +78,7 @@ def test_stream_batches_continue_each_stream_and_targets_shift_by_one():
         assert x.shape == (4, 5) and x.dtype == torch.int64
         assert torch.equal(y, x + 1)
     # stream s of batch i+1 starts right after stream s of batch i ended (state can be carried)
-    for (x0, _), (x1, _) in zip(batches, batches[1:], strict=False):
+    for (x0, _), (x1, _) in itertools.pairwise(batches):
         assert torch.equal(x1[:, 0], x0[:, -1] + 1)
 
 
@@ -197,7 +198,7 @@ def test_save_load_gives_identical_logits(tmp_path):
 
 
 def test_wrapper_prefixes_are_stripped():
-    model, vocab, _ = _tiny_checkpoint()
+    model, _, _ = _tiny_checkpoint()
     sd = {"module._orig_mod." + k: v for k, v in model.state_dict().items()}
     assert set(checkpoint.clean_state_dict(sd)) == set(model.state_dict())
 

@@ -145,7 +145,7 @@ def test_evaluate_shrinks_for_short_splits():
 
 @pytest.fixture(scope="module")
 def trained():
-    vocab, splits = _data()
+    vocab, _ = _data()
     torch.manual_seed(0)
     model = CharLM(_cfg().model_config(len(vocab))).eval()
     return model, vocab
