@@ -1,0 +1,92 @@
+"""The `charlm` command: train, sample, --json, --resume, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from charlm.cli import main
+
+TINY = ["--hidden-size", "32", "--embed-size", "8", "--batch-size", "4", "--seq-len", "16", "--lr", "1e-2"]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    p = tmp_path / "corpus.txt"
+    p.write_text("To be, or not to be, that is the question:\r\n" * 80, encoding="utf-8")
+    return p
+
+
+def _json(capsys):
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1, out  # one JSON object, nothing else, on stdout
+    return json.loads(out[0])
+
+
+def test_train_then_sample_json(tmp_path, corpus, capsys):
+    out = tmp_path / "run"
+    assert main(["train", str(corpus), "--out", str(out), "--max-steps", "20", "--eval-every", "10", *TINY, "--json"]) == 0
+    summary = _json(capsys)
+    assert summary["steps"] == 20 and summary["out_dir"] == str(out)
+    assert summary["best_val_loss"] < 3.0 and summary["chars_per_s"] > 0
+    assert {p.name for p in out.iterdir()} >= {"last.pt", "best.pt", "metrics.jsonl", "loss.png", "summary.json"}
+    assert "\r" not in json.loads((out / "config.json").read_text())["corpus"]
+
+    assert main(["sample", str(out), "--prime", "To be", "--length", "30", "--num-samples", "3", "--seed", "4", "--json"]) == 0
+    res = _json(capsys)
+    texts = [s["text"] for s in res["samples"]]
+    assert len(texts) == 3 and all(len(t) == 30 for t in texts) and len(set(texts)) > 1
+    assert main(["sample", str(out / "best.pt"), "--prime", "To be", "--length", "30", "--num-samples", "3", "--seed", "4", "--json"]) == 0
+    assert [s["text"] for s in _json(capsys)["samples"]] == texts  # same seed, same text
+
+
+def test_sample_streams_one_sample_to_stdout(tmp_path, corpus, capsys):
+    out = tmp_path / "run"
+    main(["train", str(corpus), "--out", str(out), "--max-steps", "5", *TINY, "--json"])
+    capsys.readouterr()
+    assert main(["sample", str(out), "--prime", "or not", "--length", "25", "--seed", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("or not") and len(printed.rstrip("\n")) >= 6 + 1
+
+
+def test_resume_refuses_to_overwrite_and_continues(tmp_path, corpus, capsys):
+    out = tmp_path / "run"
+    args = ["train", str(corpus), "--out", str(out), *TINY, "--eval-every", "10", "--json"]
+    assert main([*args, "--max-steps", "10"]) == 0
+    capsys.readouterr()
+    assert main([*args, "--max-steps", "20"]) == 1
+    assert "already holds a training run" in capsys.readouterr().err
+    assert main([*args, "--max-steps", "20", "--resume"]) == 0
+    assert _json(capsys)["steps"] == 20
+
+
+def test_errors_are_one_line_naming_the_object(tmp_path, corpus, capsys):
+    assert main(["train", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "o"), "--json"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nope.txt" in err[0] and err[0].startswith("charlm: error:")
+
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"fine text " * 100 + b"\xff\xfe broken")
+    assert main(["train", str(bad), "--out", str(tmp_path / "o"), "--json"]) == 1
+    err = capsys.readouterr().err
+    assert "bad.txt" in err and "invalid UTF-8 at byte offset 1000" in err
+
+    assert main(["train", str(corpus), "--out", str(tmp_path / "o2"), "--batch-size", "512", "--json"]) == 1
+    err = capsys.readouterr().err
+    assert "corpus.txt has 3,520 characters" in err and "needs at least 51,201" in err
+    assert not (tmp_path / "o2" / "last.pt").exists()
+
+    assert main(["train", str(corpus), "--out", str(tmp_path / "o3"), "--batch-size", "512", "--auto-shrink", "--max-steps", "2", *TINY[:4], "--json"]) == 0
+    assert _json(capsys)["batch_size"] < 512
+
+
+def test_cli_process_exit_code_and_help():
+    res = subprocess.run([sys.executable, "-m", "charlm.cli", "sample", "/no/such.pt"], capture_output=True, text=True)
+    assert res.returncode == 1 and res.stdout == ""
+    assert res.stderr.strip() == "charlm: error: /no/such.pt: no such checkpoint file"
+    helptext = subprocess.run([sys.executable, "-m", "charlm.cli", "train", "--help"], capture_output=True, text=True).stdout
+    for flag in ("--cell", "--num-layers", "--hidden-size", "--dropout", "--seq-len", "--batch-size", "--lr", "--max-steps", "--max-epochs", "--time-budget", "--eval-every", "--precision", "--seed", "--resume", "--auto-shrink", "--json"):
+        assert flag in helptext
