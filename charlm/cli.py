@@ -229,7 +229,15 @@ def train_config_from_args(a: argparse.Namespace):
 
 
 def run_local_training(
-    cfg, corpus: str, out: Path, *, resume: bool, quiet: bool, store: str | None = None, device: str = "auto"
+    cfg,
+    corpus: str,
+    out: Path,
+    *,
+    resume: bool,
+    quiet: bool,
+    store: str | None = None,
+    device: str = "auto",
+    extra_callbacks: list | None = None,
 ) -> dict:
     """Plain single-process training into a local out dir: checkpoints, metrics, loss.png."""
     from charlm import checkpoint
@@ -247,7 +255,7 @@ def run_local_training(
         )
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps({"corpus": corpus, "train_config": cfg.to_dict()}, indent=2))
-    callbacks = [MetricsFile(out), CheckpointFiles(out)]
+    callbacks = [MetricsFile(out), CheckpointFiles(out), *(extra_callbacks or [])]
     if not quiet:
         callbacks.append(ProgressBar())
     try:
@@ -457,12 +465,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default=None, help="run folder (default $CHARLM_STORE/runs/demo-<time>)")
     d.set_defaults(func=cmd_demo)
 
-    try:
-        from charlm.cli_datasets import add_commands
-    except ImportError:
-        pass
-    else:
-        add_commands(sub)
+    for module in ("charlm.cli_datasets", "charlm.cli_models"):
+        try:
+            mod = __import__(module, fromlist=["add_commands"])
+        except ImportError:  # that part's extras are not installed
+            continue
+        mod.add_commands(sub)
 
     for action in sub.choices.values():
         if not any("--json" in a.option_strings for a in action._actions):
