@@ -468,8 +468,10 @@ def build_parser() -> argparse.ArgumentParser:
     for module in ("charlm.cli_datasets", "charlm.cli_models"):
         try:
             mod = __import__(module, fromlist=["add_commands"])
-        except ImportError:  # that part's extras are not installed
-            continue
+        except ModuleNotFoundError as e:  # that part's extras are not installed
+            if (e.name or "").split(".")[0] in {"fsspec", "s3fs", "prefect", "mlflow", "ray"}:
+                continue
+            raise
         mod.add_commands(sub)
 
     for action in sub.choices.values():
