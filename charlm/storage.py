@@ -1,0 +1,533 @@
+"""Storage adapter: read, list and write by URL. The only module that imports fsspec/s3fs.
+
+URLs are anything fsspec understands: ``s3://bucket/key``, ``file:///path`` or a plain path,
+``memory://x``, ``gs://...`` and so on. Credentials and endpoints come from the environment only
+(``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``, ``AWS_PROFILE``...), so
+nothing that is logged, pickled or passed between processes ever carries a secret.
+
+Filesystem objects are created lazily per process (s3fs is not fork-safe) and never cache
+listings: a corpus prefix is re-listed every time, so a changed object is always seen.
+
+Errors are translated into :class:`StorageError` subclasses with one line that names the URL:
+:class:`ObjectNotFoundError` and :class:`TransientStorageError` (connection refused or reset,
+timeouts, throttling, 5xx: worth retrying; the Prefect flows retry only these).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import secrets
+import sys
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import IO, Any
+
+import fsspec
+from fsspec.core import split_protocol
+
+DEFAULT_STORE = "~/.charlm/store"
+STORE_ENV = "CHARLM_STORE"
+STORE_FOLDERS = ("datasets", "runs", "samples")
+
+# Object stores where a PUT / completed multipart upload is atomic: the key appears whole or not
+# at all, so a writer can target the final key directly and abort on failure.
+_ATOMIC_PUT = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
+_LOCAL = frozenset({"file", "local"})
+_GLOB_CHARS = frozenset("*?[")
+MIN_WRITE_BLOCK = 8 << 20  # multipart part size (S3 needs >= 5 MiB); bounds writer memory
+
+
+class StorageError(OSError):
+    """A storage operation failed; the message names the URL."""
+
+
+class ObjectNotFoundError(StorageError, FileNotFoundError):
+    """No object, prefix or match at a URL."""
+
+
+class TransientStorageError(StorageError):
+    """Connection refused/reset, timeout, throttling or a 5xx: retrying may succeed."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One listed object: its URL, size in bytes and version token (ETag, else mtime)."""
+
+    url: str
+    size: int
+    version: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ObjectInfo:
+        return cls(str(d["url"]), int(d["size"]), str(d["version"]))
+
+
+# -- URLs -----------------------------------------------------------------------------------------
+def protocol(url: str) -> str:
+    """'s3' for s3://b/k, 'file' for a plain path or file:// URL (last link of a chained URL)."""
+    proto, _ = split_protocol(url.split("::")[0])
+    return (proto or "file").lower()
+
+
+def is_local(url: str) -> bool:
+    return "::" not in url and protocol(url) in _LOCAL
+
+
+def local_path(url: str) -> str | None:
+    """The filesystem path of a local URL, else None."""
+    if not is_local(url):
+        return None
+    _, path = split_protocol(url)
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def normalize_url(url: str) -> str:
+    """Local URLs become absolute plain paths; others lose a trailing slash."""
+    lp = local_path(url)
+    if lp is not None:
+        return lp
+    return url.rstrip("/") if not url.endswith("://") else url
+
+
+def store_root(url: str | None = None) -> str:
+    """The store root: the argument, else $CHARLM_STORE, else ~/.charlm/store."""
+    return normalize_url(url or os.environ.get(STORE_ENV) or DEFAULT_STORE)
+
+
+def join(url: str, *parts: str) -> str:
+    """Join path parts onto a URL with '/' (works for plain paths and every protocol)."""
+    out = url.rstrip("/") if not url.endswith("://") else url
+    for p in parts:
+        p = str(p).strip("/")
+        if p:
+            out = f"{out}/{p}" if not out.endswith("://") else out + p
+    return out
+
+
+def basename(url: str) -> str:
+    return url.rstrip("/").rsplit("/", 1)[-1]
+
+
+def has_glob(url: str) -> bool:
+    return any(c in _GLOB_CHARS for c in url)
+
+
+# -- filesystems ------------------------------------------------------------------------------------
+_fs_cache: dict[tuple[int, str], Any] = {}
+
+
+def filesystem(url: str) -> tuple[Any, str]:
+    """(fsspec filesystem, path within it) for a URL; created lazily, once per process.
+
+    For adapters that need the raw filesystem (e.g. wrapping it for pyarrow/Ray). Options come from
+    the environment only; the object holds no secret passed by us.
+    """
+    proto = protocol(url)
+    if "::" in url:  # chained URL (simplecache::s3://...): let fsspec build the chain each time
+        return fsspec.core.url_to_fs(url)
+    key = (os.getpid(), proto)
+    fs = _fs_cache.get(key)
+    if fs is None:
+        if any(k[0] != key[0] for k in _fs_cache):  # forked: drop the parent's instances
+            _fs_cache.clear()
+        options: dict[str, Any] = {}
+        if proto not in _LOCAL:
+            options["use_listings_cache"] = False
+        if proto in ("s3", "s3a"):
+            options["skip_instance_cache"] = True
+        fs = fsspec.filesystem(proto, **options)
+        _fs_cache[key] = fs
+    path = fs._strip_protocol(url)
+    if proto in _LOCAL:
+        path = os.path.abspath(os.path.expanduser(path))
+    return fs, path
+
+
+def reset() -> None:
+    """Forget this process's filesystem objects (after changing AWS_* or endpoint variables)."""
+    _fs_cache.clear()
+
+
+def _url(fs: Any, path: str, like: str) -> str:
+    if is_local(like):
+        return path
+    return fs.unstrip_protocol(path)
+
+
+# -- errors -------------------------------------------------------------------------------------------
+_TRANSIENT_ERRNOS = frozenset(
+    {
+        errno.ECONNREFUSED,
+        errno.ECONNRESET,
+        errno.ECONNABORTED,
+        errno.ETIMEDOUT,
+        errno.EPIPE,
+        errno.EHOSTUNREACH,
+        errno.ENETUNREACH,
+        errno.ENETDOWN,
+        errno.EAGAIN,
+        errno.EBUSY,  # s3fs: SlowDown / ServiceUnavailable / 503
+        getattr(errno, "EREMOTEIO", 121),  # s3fs: InternalError / 500
+    }
+)
+_TRANSIENT_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "InternalError",
+        "ServiceUnavailable",
+        "500",
+        "502",
+        "503",
+        "504",
+    }
+)
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen and len(seen) < 8:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether an error (or one it was raised from) is worth retrying."""
+    for e in _chain(exc):
+        if isinstance(e, TransientStorageError):
+            return True
+        if isinstance(e, ObjectNotFoundError | PermissionError):
+            return False
+        if isinstance(e, ConnectionError | TimeoutError):
+            return True
+        if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS:
+            return True
+        if "botocore" in sys.modules:
+            from botocore import exceptions as bx
+
+            transient = (
+                bx.ConnectionError,
+                bx.HTTPClientError,
+                bx.IncompleteReadError,
+                bx.ResponseStreamingError,
+            )
+            if isinstance(e, transient):
+                return True
+            if isinstance(e, bx.ClientError):
+                code = str(e.response.get("Error", {}).get("Code", ""))
+                status = str(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+                if code in _TRANSIENT_CODES or status in _TRANSIENT_CODES:
+                    return True
+        if "aiohttp" in sys.modules:
+            import aiohttp
+
+            if isinstance(e, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError):
+                return True
+        if type(e).__name__ == "FSTimeoutError":
+            return True
+    return False
+
+
+def _short(exc: BaseException) -> str:
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return msg if len(msg) <= 300 else msg[:297] + "..."
+
+
+def translate_error(exc: BaseException, url: str, action: str = "") -> StorageError:
+    """A StorageError subclass naming the URL, for any error raised by a storage backend."""
+    if isinstance(exc, StorageError):
+        return exc
+    what = f"{action} " if action else ""
+    if isinstance(exc, FileNotFoundError):
+        return ObjectNotFoundError(f"{url}: {what}not found")
+    if isinstance(exc, PermissionError):
+        return StorageError(f"{url}: {what}permission denied ({_short(exc)})")
+    if is_transient(exc):
+        return TransientStorageError(f"{url}: {what}failed, storage unreachable or busy ({_short(exc)})")
+    return StorageError(f"{url}: {what}failed ({type(exc).__name__}: {_short(exc)})")
+
+
+@contextlib.contextmanager
+def _errors(url: str, action: str = "") -> Iterator[None]:
+    try:
+        yield
+    except StorageError:
+        raise
+    except (OSError, ValueError, RuntimeError, TimeoutError, ConnectionError) as e:
+        raise translate_error(e, url, action) from e
+    except Exception as e:  # backend-specific classes (botocore, aiohttp...)
+        if type(e).__module__.split(".")[0] in ("botocore", "aiobotocore", "aiohttp", "s3fs", "fsspec"):
+            raise translate_error(e, url, action) from e
+        raise
+
+
+# -- listing ------------------------------------------------------------------------------------------
+def _version(info: dict[str, Any]) -> str:
+    for k in ("ETag", "etag", "md5Hash", "md5", "crc32c"):
+        v = info.get(k)
+        if v:
+            return str(v).strip('"')
+    for k in ("mtime", "LastModified", "last_modified", "modified", "updated", "created"):
+        v = info.get(k)
+        if v is None:
+            continue
+        if isinstance(v, datetime):
+            return v.isoformat()
+        if isinstance(v, float | int):
+            return f"mtime:{v!r}"
+        return str(v)
+    return ""
+
+
+def _is_hidden(rel: str) -> bool:
+    return any(part.startswith(".") for part in rel.split("/") if part)
+
+
+def info(url: str) -> ObjectInfo:
+    """Size and version of one object."""
+    fs, path = filesystem(url)
+    with _errors(url, "stat"):
+        d = fs.info(path)
+    if d.get("type") == "directory":
+        raise StorageError(f"{url}: is a folder/prefix, not an object")
+    return ObjectInfo(_url(fs, path, url), int(d.get("size") or 0), _version(d))
+
+
+def list_objects(source: str, *, include_hidden: bool = False) -> list[ObjectInfo]:
+    """Objects named by source: one object, a prefix/folder (recursive) or a glob.
+
+    Sorted by URL; every page of the listing is read. Below a prefix or glob, names with a
+    component starting with '.' (temp files, .DS_Store) are left out unless include_hidden.
+    Raises ObjectNotFoundError when nothing matches.
+    """
+    fs, path = filesystem(source)
+    with _errors(source, "list"):
+        if has_glob(path):
+            found = fs.glob(path, detail=True)
+            prefix = path.split("*")[0].split("?")[0].split("[")[0]
+            prefix = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        elif fs.isfile(path):
+            d = fs.info(path)
+            return [ObjectInfo(_url(fs, path, source), int(d.get("size") or 0), _version(d))]
+        elif fs.isdir(path):
+            found = fs.find(path, detail=True, withdirs=False)
+            prefix = path
+        else:
+            raise ObjectNotFoundError(f"{source}: no such object, prefix or folder")
+    out = []
+    for p, d in found.items():
+        if d.get("type", "file") != "file" or p.endswith("/"):
+            continue
+        rel = p[len(prefix) :] if prefix and p.startswith(prefix) else p
+        if not include_hidden and _is_hidden(rel):
+            continue
+        out.append(ObjectInfo(_url(fs, p, source), int(d.get("size") or 0), _version(d)))
+    if not out:
+        raise ObjectNotFoundError(f"{source}: no objects match")
+    out.sort(key=lambda o: o.url)
+    return out
+
+
+def ls(url: str) -> list[str]:
+    """URLs of the immediate children of a folder/prefix ([] if it does not exist)."""
+    fs, path = filesystem(url)
+    with _errors(url, "list"):
+        try:
+            names = fs.ls(path, detail=False)
+        except FileNotFoundError:
+            return []
+    return sorted(_url(fs, n.rstrip("/"), url) for n in names if n.rstrip("/") != path.rstrip("/"))
+
+
+def exists(url: str) -> bool:
+    fs, path = filesystem(url)
+    with _errors(url, "stat"):
+        return bool(fs.exists(path))
+
+
+def isdir(url: str) -> bool:
+    fs, path = filesystem(url)
+    with _errors(url, "stat"):
+        return bool(fs.isdir(path))
+
+
+def delete(url: str, recursive: bool = False) -> None:
+    """Remove an object (or everything below a prefix with recursive); missing is not an error."""
+    fs, path = filesystem(url)
+    with _errors(url, "delete"), contextlib.suppress(FileNotFoundError):
+        fs.rm(path, recursive=recursive)
+
+
+def makedirs(url: str) -> None:
+    """Create a local folder (and parents); a no-op on object stores."""
+    lp = local_path(url)
+    if lp is not None:
+        with _errors(url, "mkdir"):
+            os.makedirs(lp, exist_ok=True)
+
+
+# -- reading ------------------------------------------------------------------------------------------
+class _Reader:
+    """A binary file for reading whose errors are StorageErrors naming the URL."""
+
+    def __init__(self, f: IO[bytes], url: str) -> None:
+        self._f = f
+        self.url = url
+
+    def read(self, n: int = -1) -> bytes:
+        with _errors(self.url, "read"):
+            return self._f.read(n)
+
+    def readinto(self, b: Any) -> int:
+        with _errors(self.url, "read"):
+            return self._f.readinto(b)  # type: ignore[attr-defined]
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        with _errors(self.url, "seek"):
+            return self._f.seek(pos, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._f.close()
+
+    def __enter__(self) -> _Reader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_read(url: str, block_size: int = 4 << 20) -> _Reader:
+    """Open an object for streaming reads; read(n) fetches about n bytes (no whole-object read)."""
+    lp = local_path(url)
+    with _errors(url, "open"):
+        if lp is not None:
+            return _Reader(open(lp, "rb"), url)
+        fs, path = filesystem(url)
+        kwargs: dict[str, Any] = {"block_size": block_size}
+        if protocol(url) in _ATOMIC_PUT:
+            kwargs["cache_type"] = "none"  # one ranged GET per read(); the caller chunks
+        return _Reader(fs.open(path, "rb", **kwargs), url)
+
+
+def read_bytes(url: str) -> bytes:
+    """A whole (small) object."""
+    fs, path = filesystem(url)
+    with _errors(url, "read"):
+        return bytes(fs.cat_file(path))
+
+
+def read_many(urls: list[str]) -> list[bytes]:
+    """Several whole (small) objects; fetched concurrently where the backend is async (S3...)."""
+    if not urls:
+        return []
+    fs, _ = filesystem(urls[0])
+    same = all(protocol(u) == protocol(urls[0]) and "::" not in u for u in urls)
+    if not (same and getattr(fs, "async_impl", False)) or len(urls) == 1:
+        return [read_bytes(u) for u in urls]
+    paths = [filesystem(u)[1] for u in urls]
+    with _errors(urls[0], "read"):
+        got = fs.cat(paths, on_error="return")
+    out = []
+    for u, p in zip(urls, paths, strict=True):
+        v = got.get(p) if isinstance(got, dict) else got
+        if isinstance(v, BaseException):
+            raise translate_error(v, u, "read") from v
+        if v is None:
+            raise ObjectNotFoundError(f"{u}: read failed, not found")
+        out.append(bytes(v))
+    return out
+
+
+def read_text(url: str) -> str:
+    return read_bytes(url).decode("utf-8")
+
+
+# -- writing ------------------------------------------------------------------------------------------
+def _temp_name(path: str) -> str:
+    head, _, name = path.rpartition("/")
+    tmp = f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    return f"{head}/{tmp}" if head else tmp
+
+
+@contextlib.contextmanager
+def atomic_writer(url: str, block_size: int = MIN_WRITE_BLOCK) -> Iterator[IO[bytes]]:
+    """A binary file that appears at url whole, or not at all if the block raises.
+
+    Local: a temp file next to the target, fsync'ed, then os.replace. Object stores with atomic
+    PUT (S3, GCS, Azure): the final key directly; a failed write aborts the multipart upload, so no
+    partial object ever becomes visible. Other filesystems: a temp key, then a rename.
+    Memory stays bounded by block_size whatever is written.
+    """
+    lp = local_path(url)
+    if lp is not None:
+        with _errors(url, "write"):
+            os.makedirs(os.path.dirname(lp) or ".", exist_ok=True)
+            tmp = _temp_name(lp)
+            f = open(tmp, "wb")  # noqa: SIM115 - closed below
+        try:
+            yield f
+            with _errors(url, "write"):
+                f.flush()
+                os.fsync(f.fileno())
+                f.close()
+                os.replace(tmp, lp)
+        except BaseException:
+            f.close()
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return
+
+    fs, path = filesystem(url)
+    if protocol(url) in _ATOMIC_PUT:
+        with _errors(url, "write"):
+            f = fs.open(path, "wb", block_size=max(block_size, MIN_WRITE_BLOCK))
+        try:
+            yield f
+            with _errors(url, "write"):
+                f.close()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                f.discard()  # aborts a multipart upload; nothing was PUT yet otherwise
+            f.closed = True  # do not let close()/__del__ commit a partial object
+            raise
+        return
+
+    tmp = _temp_name(path)
+    with _errors(url, "write"):
+        f = fs.open(tmp, "wb")
+    try:
+        yield f
+        with _errors(url, "write"):
+            f.close()
+            fs.mv(tmp, path)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            f.close()
+        with contextlib.suppress(Exception):
+            fs.rm(tmp)
+        raise
+
+
+def write_bytes_atomic(url: str, data: bytes) -> None:
+    with atomic_writer(url) as f:
+        f.write(data)
+
+
+def write_text_atomic(url: str, text: str) -> None:
+    write_bytes_atomic(url, text.encode("utf-8"))
