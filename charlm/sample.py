@@ -2,9 +2,10 @@
 
 Speed: the per-step path does not go through nn.LSTM (whose per-call overhead is milliseconds on
 CPU). Layer 0's input projection is precomputed for every character (a (V, 4H) table, so it is a
-row gather), each weight is cast once to the compute dtype and, on CPU, pre-packed for oneDNN;
-gate math and the recurrent state stay fp32. The prime's common prefix runs as one sequence
-through the fused kernels.
+row gather), each weight is cast once to the compute dtype and, on CPU, pre-packed for oneDNN.
+With bf16 the gates are computed in bf16 (the GEMMs produce bf16 anyway) while the LSTM cell
+state, which accumulates over thousands of steps, stays fp32. Upper LSTM/RNN layers run
+[x, h] @ [W_ih; W_hh]^T as one GEMM.
 
 Randomness: a sample is drawn as argmax(logits / temperature + Gumbel noise), where the noise for
 (stream id, step, character) is a counter-based hash of the seed. A stream's text therefore
@@ -143,18 +144,13 @@ class Sampler:
             x = h
         return self.head(x).float()
 
-    def _initial_state(self, prefix: torch.Tensor | None, n: int) -> list[torch.Tensor]:
-        """Per-layer state after running the (N, P) prefix through the fused model."""
-        H, L, lstm = self.cfg.hidden_size, self.cfg.num_layers, self.cfg.cell == "lstm"
-        if prefix is None or prefix.shape[1] == 0:
-            st = [torch.zeros(L, n, H, device=self.device) for _ in range(self.model.n_state)]
-        else:
-            _, st = self.model(prefix)
+    def _zero_state(self, n: int) -> list[torch.Tensor]:
+        """Per layer: h (N, H) in the GEMM dtype, and for LSTM c (N, H) fp32."""
         out = []
-        for k in range(L):
-            out.append(st[0][k].to(self.dtype))
-            if lstm:
-                out.append(st[1][k].float())
+        for _ in range(self.cfg.num_layers):
+            out.append(torch.zeros(n, self.cfg.hidden_size, dtype=self.dtype, device=self.device))
+            if self.cfg.cell == "lstm":
+                out.append(torch.zeros(n, self.cfg.hidden_size, device=self.device))
         return out
 
     def _noise(self, stream_keys: torch.Tensor, gen_step: torch.Tensor) -> torch.Tensor:
@@ -224,11 +220,13 @@ class Sampler:
             first = (self._unigram[None, :] + self._noise(keys, torch.full((n,), -1, device=dev))).argmax(1)
             encoded = [e if len(e) else first[i : i + 1].cpu() for i, e in enumerate(encoded)]
         lens = torch.tensor([len(e) for e in encoded], device=dev)  # (N,) prompt lengths >= 1
-        lmin, lmax = int(lens.min()), int(lens.max())
+        lmax = int(lens.max())
         seq = torch.zeros(n, lmax + length, dtype=torch.int64, device=dev)  # prompts, then samples
         for i, e in enumerate(encoded):
             seq[i, : len(e)] = e.to(dev)
-        state = self._initial_state(seq[:, : lmin - 1] if lmin > 1 else None, n)
+        # Prompts run through the same step path as sampling (not the fused sequence kernel), so
+        # a stream's numbers, and so its text, never depend on which prompts share its batch.
+        state = self._zero_state(n)
         # A stream's text is seq[start:stop_at]: after its prompt, or from 0 for an empty prompt.
         start = torch.where(empty, 0, lens)
         end = start + length
@@ -242,7 +240,7 @@ class Sampler:
         stop_at = end.clone()
         emitted = start.clone()  # streaming: seq[i, start[i]:emitted[i]] was handed to on_text
         hold = len(stop_ids) - 1 if stop_ids is not None else 0
-        for p in range(lmin - 1, lmax + length - 1):
+        for p in range(lmax + length - 1):
             logits = self._step(seq[:, p], state)  # (N, V): distribution of position p + 1
             pos = p + 1
             if temperature == 0:

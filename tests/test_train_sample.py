@@ -171,12 +171,18 @@ def test_temperature_zero_is_argmax(trained):
     assert sample(model, vocab, ["the q"], 25, top_k=1, precision="fp32")[0] == out
 
 
-def test_a_stream_does_not_depend_on_its_batch(trained):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_stream_does_not_depend_on_its_batch(trained, precision):
     model, vocab = trained
-    s = Sampler(model, vocab, precision="fp32")
-    batch = s.generate(["a", "the lazy d", "x"], 30, seed=5, stream_ids=[7, 8, 9])
-    alone = s.generate(["the lazy d"], 30, seed=5, stream_ids=[8])
+    s = Sampler(model, vocab, precision=precision)
+    prompts = ["a", "the lazy d", "x", "the lazy do", *["over the "] * 40]
+    batch = s.generate(prompts, 60, seed=5, stream_ids=range(7, 7 + len(prompts)))
+    alone = Sampler(model, vocab, precision=precision, max_batch=1).generate(
+        ["the lazy d"], 60, seed=5, stream_ids=[8]
+    )
     assert batch[1] == alone[0]
+    pair = s.generate(["the lazy do", "the lazy d"], 60, seed=5, stream_ids=[10, 8])
+    assert pair[1] == alone[0] and pair[0] == batch[3]
 
 
 def test_top_p_and_top_k_restrict_the_support(trained):
