@@ -1,0 +1,83 @@
+"""Batch generation core: prompt parsing, record planning, determinism across shards."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from charlm.config import ModelConfig
+from charlm.generate import (
+    GenerateConfig,
+    PromptsError,
+    generate_records,
+    parse_prompts,
+    plan,
+    shard,
+    to_jsonl,
+)
+from charlm.model import CharLM
+from charlm.sample import Sampler
+from charlm.vocab import Vocab
+
+
+@pytest.fixture(scope="module")
+def sampler():
+    vocab = Vocab.from_text("abcdefghijklmnopqrstuvwxyz .,\n")
+    torch.manual_seed(0)
+    return Sampler(CharLM(ModelConfig(len(vocab), "lstm", 2, 32, 8, 0.0)), vocab, precision="bf16")
+
+
+def test_parse_text_and_jsonl_prompts():
+    ps = parse_prompts(b"\xef\xbb\xbfhello\r\nline\\nbreak\n\nlast\n", "p.txt")
+    assert [p.text for p in ps] == ["hello", "line\nbreak", "", "last"]
+    js = parse_prompts(b'{"prompt": "a", "id": 7}\n"b"\n\n{"prompt": "c"}\n', "p.jsonl")
+    assert [(p.index, p.text, p.id) for p in js] == [(0, "a", "7"), (1, "b", None), (2, "c", None)]
+    with pytest.raises(PromptsError, match=r"p\.jsonl: line 2 is not JSON"):
+        parse_prompts(b'"a"\n{oops\n', "p.jsonl")
+    with pytest.raises(PromptsError, match=r"q\.jsonl: line 1 needs"):
+        parse_prompts(b'{"text": "a"}\n', "q.jsonl")
+    with pytest.raises(PromptsError, match=r"e\.txt: no prompts"):
+        parse_prompts(b"", "e.txt")
+    with pytest.raises(PromptsError, match=r"bad\.txt: invalid UTF-8 at byte offset 2"):
+        parse_prompts(b"ab\xff", "bad.txt")
+
+
+def test_records_identical_across_shards_and_batch_sizes(sampler):
+    prompts = parse_prompts(b"the \nabc\na cat\n\nzz\n", "p.txt")
+    records = plan(prompts, 3)
+    assert [r.record for r in records] == list(range(15))
+    cfg = GenerateConfig(num_samples=3, length=40, seed=9, batch_size=256)
+    whole = generate_records(sampler, records, cfg, "m")
+    for workers, bs in ((2, 4), (3, 1), (15, 256)):
+        parts = [
+            generate_records(sampler, part, cfg.replace(batch_size=bs), "m")
+            for part in shard(records, workers)
+        ]
+        assert [r for p in parts for r in p] == whole
+    assert len({r["sample"] for r in whole}) == 15  # every record its own stream
+    assert all(len(r["sample"]) == 40 and r["error"] is None for r in whole)
+    assert whole[4] | {"sample": None} == {
+        "record": 4,
+        "prompt_index": 1,
+        "sample_index": 1,
+        "prompt": "abc",
+        "model": "m",
+        "params": cfg.sampling_params(),
+        "seed": 9,
+        "stream": 4,
+        "sample": None,
+        "error": None,
+    }
+
+
+def test_unknown_characters_are_reported_per_record(sampler):
+    prompts = parse_prompts(b"ok\nBAD!\nfine\n", "p.txt")
+    out = generate_records(sampler, plan(prompts, 2), GenerateConfig(num_samples=2, length=10), "m")
+    bad = [r for r in out if r["error"]]
+    assert [r["prompt_index"] for r in bad] == [1, 1]
+    assert "U+0042" in bad[0]["error"] and "U+0021" in bad[0]["error"] and bad[0]["sample"] is None
+    assert all(len(r["sample"]) == 10 for r in out if not r["error"])
+    lines = to_jsonl(out).decode().splitlines()
+    assert len(lines) == 6 and json.loads(lines[2])["prompt"] == "BAD!"
