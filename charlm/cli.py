@@ -469,7 +469,13 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             mod = __import__(module, fromlist=["add_commands"])
         except ModuleNotFoundError as e:  # that part's extras are not installed
-            if (e.name or "").split(".")[0] in {"fsspec", "s3fs", "prefect", "mlflow", "ray"}:
+            if e.name == module or (e.name or "").split(".")[0] in {
+                "fsspec",
+                "s3fs",
+                "prefect",
+                "mlflow",
+                "ray",
+            }:
                 continue
             raise
         mod.add_commands(sub)

@@ -28,18 +28,74 @@ def _json(capsys):
 
 def test_train_then_sample_json(tmp_path, corpus, capsys):
     out = tmp_path / "run"
-    assert main(["train", str(corpus), "--out", str(out), "--max-steps", "20", "--eval-every", "10", *TINY, "--json"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(corpus),
+                "--out",
+                str(out),
+                "--max-steps",
+                "20",
+                "--eval-every",
+                "10",
+                *TINY,
+                "--json",
+            ]
+        )
+        == 0
+    )
     summary = _json(capsys)
     assert summary["steps"] == 20 and summary["out_dir"] == str(out)
     assert summary["best_val_loss"] < 3.0 and summary["chars_per_s"] > 0
-    assert {p.name for p in out.iterdir()} >= {"last.pt", "best.pt", "metrics.jsonl", "loss.png", "summary.json"}
+    assert {p.name for p in out.iterdir()} >= {
+        "last.pt",
+        "best.pt",
+        "metrics.jsonl",
+        "loss.png",
+        "summary.json",
+    }
     assert "\r" not in json.loads((out / "config.json").read_text())["corpus"]
 
-    assert main(["sample", str(out), "--prime", "To be", "--length", "30", "--num-samples", "3", "--seed", "4", "--json"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                str(out),
+                "--prime",
+                "To be",
+                "--length",
+                "30",
+                "--num-samples",
+                "3",
+                "--seed",
+                "4",
+                "--json",
+            ]
+        )
+        == 0
+    )
     res = _json(capsys)
     texts = [s["text"] for s in res["samples"]]
     assert len(texts) == 3 and all(len(t) == 30 for t in texts) and len(set(texts)) > 1
-    assert main(["sample", str(out / "best.pt"), "--prime", "To be", "--length", "30", "--num-samples", "3", "--seed", "4", "--json"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                str(out / "best.pt"),
+                "--prime",
+                "To be",
+                "--length",
+                "30",
+                "--num-samples",
+                "3",
+                "--seed",
+                "4",
+                "--json",
+            ]
+        )
+        == 0
+    )
     assert [s["text"] for s in _json(capsys)["samples"]] == texts  # same seed, same text
 
 
@@ -76,17 +132,55 @@ def test_errors_are_one_line_naming_the_object(tmp_path, corpus, capsys):
 
     assert main(["train", str(corpus), "--out", str(tmp_path / "o2"), "--batch-size", "512", "--json"]) == 1
     err = capsys.readouterr().err
-    assert "corpus.txt has 3,520 characters" in err and "needs at least 51,201" in err
+    assert "corpus.txt has 3,440 characters" in err and "needs at least 51,201" in err
     assert not (tmp_path / "o2" / "last.pt").exists()
 
-    assert main(["train", str(corpus), "--out", str(tmp_path / "o3"), "--batch-size", "512", "--auto-shrink", "--max-steps", "2", *TINY[:4], "--json"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(corpus),
+                "--out",
+                str(tmp_path / "o3"),
+                "--batch-size",
+                "512",
+                "--auto-shrink",
+                "--max-steps",
+                "2",
+                *TINY[:4],
+                "--json",
+            ]
+        )
+        == 0
+    )
     assert _json(capsys)["batch_size"] < 512
 
 
 def test_cli_process_exit_code_and_help():
-    res = subprocess.run([sys.executable, "-m", "charlm.cli", "sample", "/no/such.pt"], capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "charlm.cli", "sample", "/no/such.pt"], capture_output=True, text=True
+    )
     assert res.returncode == 1 and res.stdout == ""
     assert res.stderr.strip() == "charlm: error: /no/such.pt: no such checkpoint file"
-    helptext = subprocess.run([sys.executable, "-m", "charlm.cli", "train", "--help"], capture_output=True, text=True).stdout
-    for flag in ("--cell", "--num-layers", "--hidden-size", "--dropout", "--seq-len", "--batch-size", "--lr", "--max-steps", "--max-epochs", "--time-budget", "--eval-every", "--precision", "--seed", "--resume", "--auto-shrink", "--json"):
+    helptext = subprocess.run(
+        [sys.executable, "-m", "charlm.cli", "train", "--help"], capture_output=True, text=True
+    ).stdout
+    for flag in (
+        "--cell",
+        "--num-layers",
+        "--hidden-size",
+        "--dropout",
+        "--seq-len",
+        "--batch-size",
+        "--lr",
+        "--max-steps",
+        "--max-epochs",
+        "--time-budget",
+        "--eval-every",
+        "--precision",
+        "--seed",
+        "--resume",
+        "--auto-shrink",
+        "--json",
+    ):
         assert flag in helptext
