@@ -81,3 +81,28 @@ def test_unknown_characters_are_reported_per_record(sampler):
     assert all(len(r["sample"]) == 10 for r in out if not r["error"])
     lines = to_jsonl(out).decode().splitlines()
     assert len(lines) == 6 and json.loads(lines[2])["prompt"] == "BAD!"
+
+
+def test_job_publishes_parts_then_manifest_and_refuses_to_overwrite(tmp_path, sampler):
+    from charlm import checkpoint, storage
+    from charlm.genjob import JobError, read_job, read_records, run_job, summary_markdown
+
+    ck = checkpoint.to_bytes(checkpoint.build(sampler.model, sampler.model.config, sampler.vocab))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the \nabc\nBAD\n")
+    out = str(tmp_path / "job")
+    cfg = GenerateConfig(num_samples=2, length=20, seed=3)
+    seen = []
+    m = run_job(ck, "tiny", str(prompts), out, cfg, workers=2, progress=lambda d, n: seen.append((d, n)))
+    assert m["records"] == 6 and m["errors"] == 2 and [p["records"] for p in m["parts"]] == [3, 3]
+    assert seen[-1] == (4, 6)  # progress counts generated streams (the 2 error records need none)
+    recs = read_records(out)
+    assert [r["record"] for r in recs] == list(range(6)) and read_job(out)["model"] == "tiny"
+    one = str(tmp_path / "job1")
+    run_job(ck, "tiny", str(prompts), one, cfg, workers=1)
+    assert read_records(one) == recs  # same records whatever the number of workers
+    assert "| 0 | the  |" in summary_markdown(m, recs)
+    with pytest.raises(JobError, match="already holds a finished generation job"):
+        run_job(ck, "tiny", str(prompts), out, cfg)
+    storage.delete(storage.join(out, "manifest.json"))
+    assert read_job(out) is None  # parts without a manifest are not a job
