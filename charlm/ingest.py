@@ -409,13 +409,15 @@ def _read_chunks(url: str, chunk_size: int) -> Iterator[bytes]:
 
 def _object_data(objects: Sequence[ObjectInfo]) -> Iterator[tuple[ObjectInfo, bytes | None]]:
     """(object, its bytes) for small objects, fetched concurrently in groups; (object, None) for
-    large ones, which are streamed. Bounded memory: a group holds at most GROUP_BYTES."""
+    large ones, which are streamed. Bounded memory: a group holds at most GROUP_BYTES. Objects the
+    listing shows as empty are not read at all."""
     group: list[ObjectInfo] = []
     size = 0
 
     def flush() -> Iterator[tuple[ObjectInfo, bytes | None]]:
-        datas = storage.read_many([o.url for o in group])
-        yield from zip(group, datas, strict=True)
+        datas = iter(storage.read_many([o.url for o in group if o.size]))
+        for o in group:  # objects listed as empty are not fetched
+            yield o, next(datas) if o.size else b""
 
     for o in objects:
         if o.size > SMALL_OBJECT:
@@ -928,7 +930,7 @@ def ingest(
     policies = policies or Policies()
     srcs = [sources] if isinstance(sources, str) else list(sources)
     objects = list_sources(srcs)
-    scans = [scan_object(o, policies, chunk_size) for o in objects]
+    scans = scan_objects(objects, policies, chunk_size)
     return publish(scans, policies, store, name=name, requested=srcs, chunk_size=chunk_size)
 
 

@@ -11,6 +11,7 @@ Fixtures for later issues to reuse:
   s3_bucket       (function) a new empty bucket; yields "s3://<name>".
   make_bucket     (function) factory: make_bucket(prefix="b") -> "s3://<name>".
   put_objects     (function) put_objects("s3://b/prefix" or a folder, {"key": bytes, ...}).
+  seed_s3         (function) seed_s3("s3://b/prefix", {...}): bulk data without HTTP PUTs.
   prefect_harness (session) a temporary Prefect server + database for flow tests.
   tmp_store       (function) a fresh local store folder (as str).
 """
@@ -124,6 +125,22 @@ def put_objects() -> Callable[[str, dict[str, bytes]], list[str]]:
         return urls
 
     return put
+
+
+@pytest.fixture
+def seed_s3(s3_server: S3Server) -> Callable[[str, dict[str, bytes]], None]:
+    """Bulk test data straight into the in-process server's storage (no HTTP PUT per object);
+    reading it back goes through the S3 protocol like everything else."""
+    from moto.core.models import DEFAULT_ACCOUNT_ID
+    from moto.s3.models import s3_backends
+
+    def seed(prefix: str, objects: dict[str, bytes]) -> None:
+        bucket, _, key_prefix = prefix.removeprefix("s3://").partition("/")
+        backend = s3_backends[DEFAULT_ACCOUNT_ID]["global"]
+        for k, data in objects.items():
+            backend.put_object(bucket, f"{key_prefix}/{k}" if key_prefix else k, data)
+
+    return seed
 
 
 @pytest.fixture

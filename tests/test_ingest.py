@@ -3,6 +3,7 @@ ids, publishing, crash safety, flat memory, and reading datasets back (local and
 
 from __future__ import annotations
 
+import argparse
 import os
 import random
 import tracemalloc
@@ -12,7 +13,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from charlm import datasets, ingest, storage
+from charlm import cli_datasets, datasets, ingest, storage
 from charlm.data import split_ids
 from charlm.ingest import (
     BinaryObjectError,
@@ -426,3 +427,15 @@ def test_memory_store_round_trip(tmp_path) -> None:
     assert ds.vocab.decode(np.concatenate([ds.splits[k] for k in ("train", "val", "test")])) == text
     assert isinstance(ds.vocab, Vocab)
     storage.delete(store, recursive=True)
+
+
+def test_cli_arguments() -> None:
+    p = argparse.ArgumentParser(prog="charlm")
+    cli_datasets.add_commands(p.add_subparsers(dest="command", required=True))
+    a = p.parse_args(["ingest", "s3://b/c/", "s3://b/d/*.txt", "--invalid", "replace", "--normalize", "NFC"])
+    assert a.sources == ["s3://b/c/", "s3://b/d/*.txt"] and a.store is None and not a.json
+    assert (a.invalid, a.normalize, a.newlines, a.val_frac) == ("replace", "NFC", "lf", 0.05)
+    with pytest.raises(SystemExit):
+        p.parse_args(["ingest", "x", "--newlines", "crlf"])
+    with pytest.raises(SystemExit):
+        p.parse_args(["datasets"])
