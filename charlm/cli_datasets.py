@@ -1,8 +1,9 @@
 """`charlm ingest` and `charlm datasets list|show`: argparse wiring for charlm/cli.py.
 
 add_commands(subparsers) adds the subcommands. Each leaf parser sets:
-  func(args) -> dict     the JSON-able result (the CLI prints it with --json)
-  render(result) -> str  the human-readable form of that result
+  func(args) -> dict     runs the command and returns the JSON-able result (the CLI prints it
+                         with --json); without --json func prints the human-readable form itself
+  render(result) -> str  that human-readable form
 and defines --json and --store itself. Errors are raised as IngestError, DatasetError or
 StorageError (each with a one-line message naming the object and the problem).
 """
@@ -73,10 +74,16 @@ def add_commands(subparsers: Any) -> None:
     sp.set_defaults(func=cmd_show, render=render_show)
 
 
+def _show(args: argparse.Namespace, result: dict[str, Any]) -> dict[str, Any]:
+    if not getattr(args, "json", False):
+        print(args.render(result))
+    return result
+
+
 def cmd_ingest(args: argparse.Namespace) -> dict[str, Any]:
     from flows.ingest import ingest_corpus  # Prefect is imported only when ingesting
 
-    return ingest_corpus(
+    result = ingest_corpus(
         sources=list(args.sources),
         store=args.store,
         name=args.name,
@@ -86,16 +93,18 @@ def cmd_ingest(args: argparse.Namespace) -> dict[str, Any]:
         val_frac=args.val_frac,
         test_frac=args.test_frac,
     )
+    return _show(args, result)
 
 
 def cmd_list(args: argparse.Namespace) -> dict[str, Any]:
     from charlm import storage
 
-    return {"store": storage.store_root(args.store), "datasets": datasets.list_datasets(args.store)}
+    result = {"store": storage.store_root(args.store), "datasets": datasets.list_datasets(args.store)}
+    return _show(args, result)
 
 
 def cmd_show(args: argparse.Namespace) -> dict[str, Any]:
-    return datasets.show(args.ref, args.store)
+    return _show(args, datasets.show(args.ref, args.store))
 
 
 def render_ingest(r: dict[str, Any]) -> str:
