@@ -31,8 +31,9 @@ def main() -> None:
     a = p.parse_args()
     vocab, splits, fp, label = load_training_data(a.corpus, 0.1, 0.0)
     out = {}
+    base = TrainConfig(max_steps=a.steps, eval_every=a.eval_every, val_frac=0.1, test_frac=0.0)
     for precision in ("fp32", "bf16"):
-        cfg = TrainConfig(max_steps=a.steps, eval_every=a.eval_every, precision=precision)
+        cfg = base.replace(precision=precision)
         ev = Evals()
         res = train(cfg, vocab, splits, callbacks=[ev], device="cpu", corpus_fingerprint=fp, corpus_name=label)
         out[precision] = {"val_loss": ev.val, "chars_per_s": round(res["chars_per_s"])}
@@ -43,7 +44,7 @@ def main() -> None:
                 "bench": "precision",
                 "corpus": a.corpus,
                 "steps": a.steps,
-                "config": TrainConfig(max_steps=a.steps).to_dict(),
+                "config": base.to_dict(),
                 "fp32": out["fp32"],
                 "bf16": out["bf16"],
                 "bf16_minus_fp32": diffs,
