@@ -47,6 +47,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -79,6 +80,7 @@ _COUNT_BLOCK = 128 << 10  # uint16 pairs per bincount call
 SMALL_OBJECT = 1 << 20  # objects up to this size are fetched whole, many at a time
 GROUP_BYTES = 32 << 20
 GROUP_OBJECTS = 256
+_INLINE_HASH = 256 << 10  # smaller pieces are hashed in the calling thread
 BATCH_BYTES = 64 << 20  # objects per scan task in the flow (cache granularity)
 BATCH_OBJECTS = 512
 
@@ -226,14 +228,15 @@ def split_incomplete(b: bytes) -> tuple[bytes, bytes]:
     return b, b""
 
 
-def nonascii_if_valid(b: bytes) -> str | None:
-    """The non-ASCII characters of b, in order, if b is valid UTF-8; None if it is not.
+def nonascii_if_valid(b: bytes) -> tuple[str, np.ndarray | None] | None:
+    """(the non-ASCII characters of b in order, positions of their lead bytes) if b is valid UTF-8;
+    None if it is not.
 
     Vectorised: the non-ASCII bytes alone are decoded (they are rare in most text), and numpy
     checks that each lead byte is followed by its continuation bytes in b.
     """
     if b.isascii():
-        return ""
+        return "", None
     try:
         rest = b.translate(None, _ASCII_BYTES).decode("utf-8")
     except UnicodeDecodeError:
@@ -246,16 +249,20 @@ def nonascii_if_valid(b: bytes) -> str | None:
         pos = leads[first >= lead_min] + k
         if pos.size and (pos[-1] >= n or bool(((a[pos] & 0xC0) != 0x80).any())):
             return None
-    return rest
+    return rest, leads
+
+
+Piece = tuple[bytes, str, "np.ndarray | None"]
 
 
 class TextStream:
     """One object's bytes in, the UTF-8 of its normalized text out: decoding plus the policies.
 
     Works on bytes: valid chunks are checked (not decoded) and passed through, so the common
-    case costs a few passes of C over the bytes. feed() returns (utf8, nonascii) where nonascii
-    is the string of the non-ASCII characters of utf8, in order (what counting and encoding
-    need). Statistics accumulate on the stream.
+    case costs a few passes of C over the bytes. feed() returns a Piece (utf8, nonascii, leads):
+    nonascii is the string of the non-ASCII characters of utf8, in order, and leads the positions
+    of their first bytes in utf8 (None when not known): what counting and encoding need.
+    Statistics accumulate on the stream.
     """
 
     def __init__(self, url: str, policies: Policies) -> None:
@@ -316,7 +323,7 @@ class TextStream:
         self.replaced += _tls.replaced
         return text.encode("utf-8")
 
-    def feed(self, data: bytes, final: bool = False) -> tuple[bytes, str]:
+    def feed(self, data: bytes, final: bool = False) -> Piece:
         self._check_binary(data, final)
         b = self._pending + data if self._pending else data
         start = self.offset - len(self._pending)  # object offset of b[0]
@@ -326,20 +333,24 @@ class TextStream:
         else:
             b, self._pending = split_incomplete(b)
 
-        rest = nonascii_if_valid(b)
-        if rest is None:
+        valid = nonascii_if_valid(b)
+        if valid is None:
             b = self._decode_invalid(b, start)
-            rest = b.translate(None, _ASCII_BYTES).decode("utf-8")
+            rest, leads = b.translate(None, _ASCII_BYTES).decode("utf-8"), None
+        else:
+            rest, leads = valid
 
         if self._at_start and b:
             self._at_start = False
             if b.startswith(_BOM):
                 b, rest = b[3:], rest[1:]
+                leads = leads[1:] - 3 if leads is not None else None
                 self.bom = 1
         if self.p.newlines == "lf":
             if self._cr_carry:
                 b = b"\r" + b
                 self._cr_carry = False
+                leads = None
             if not final and b.endswith(b"\r"):
                 b = b[:-1]
                 self._cr_carry = True
@@ -348,6 +359,7 @@ class TextStream:
                 self.crlf += n_crlf
                 self.cr += b.count(b"\r") - n_crlf
                 b = b.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+                leads = None
         form = self.p.normalize
         if form:
             text = self._tail + b.decode("utf-8")
@@ -361,10 +373,11 @@ class TextStream:
                 self.normalized = True
             b = text.encode("utf-8")
             rest = "" if text.isascii() else b.translate(None, _ASCII_BYTES).decode("utf-8")
+            leads = None
         self.out_bytes += len(b)
-        return b, rest
+        return b, rest, leads
 
-    def finish(self) -> tuple[bytes, str]:
+    def finish(self) -> Piece:
         return self.feed(b"", final=True)
 
 
@@ -437,20 +450,20 @@ def _object_data(objects: Sequence[ObjectInfo]) -> Iterator[tuple[ObjectInfo, by
 
 def iter_utf8(
     obj: ObjectInfo, policies: Policies, chunk_size: int = CHUNK_SIZE, data: bytes | None = None
-) -> Iterator[tuple[bytes, str]]:
-    """(utf8, nonascii) pieces of one object's normalized text (see TextStream)."""
+) -> Iterator[Piece]:
+    """(utf8, nonascii, leads) pieces of one object's normalized text (see TextStream)."""
     yield from _iter_stream(TextStream(obj.url, policies), obj, chunk_size, data)
 
 
 def iter_text(obj: ObjectInfo, policies: Policies, chunk_size: int = CHUNK_SIZE) -> Iterator[str]:
     """One object's normalized text as str pieces (streaming; for previews and tests)."""
-    for utf8, _ in iter_utf8(obj, policies, chunk_size):
+    for utf8, _, _ in iter_utf8(obj, policies, chunk_size):
         yield utf8.decode("utf-8")
 
 
 def _iter_stream(
     stream: TextStream, obj: ObjectInfo, chunk_size: int, data: bytes | None = None
-) -> Iterator[tuple[bytes, str]]:
+) -> Iterator[Piece]:
     if data is None:
         chunks: Iterable[bytes] = _read_chunks(obj.url, chunk_size)
     else:
@@ -467,6 +480,28 @@ def _iter_stream(
             f"{obj.url}: object changed during ingestion (listed {obj.size} bytes, read {stream.offset}); "
             "run ingest again"
         )
+
+
+@functools.lru_cache(maxsize=1)
+def tune_malloc() -> bool:
+    """Let glibc reuse freed chunk-sized buffers instead of page-faulting fresh ones (once).
+
+    Each read chunk allocates and frees a few buffers of its size. By default glibc serves such
+    sizes with fresh mmaps, or gives the freed top of the heap back to the system, so every chunk
+    faults its buffers in again: a third of the CPU time of ingestion, measured. Raising the mmap
+    and trim thresholds keeps them in the heap; the cost is that up to 64 MiB of freed memory
+    stays with the process. Only on glibc; CHARLM_MALLOC_TUNING=0 turns it off.
+    """
+    if os.environ.get("CHARLM_MALLOC_TUNING", "1") == "0":
+        return False
+    try:
+        import ctypes
+
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 64 << 20))
 
 
 class _Ordered:
@@ -507,7 +542,7 @@ class CharCounter:
         self.ascii = np.zeros(128, dtype=np.int64)
         self.other: dict[int, int] = {}
 
-    def add(self, utf8: bytes, nonascii: str) -> int:
+    def add(self, utf8: bytes, nonascii: str, leads: np.ndarray | None = None) -> int:
         """Count the characters of a piece; returns how many it holds."""
         n = len(utf8)
         if n == 0:
@@ -543,8 +578,10 @@ def scan_objects(
     objects: Sequence[ObjectInfo | dict], policies: Policies, chunk_size: int = CHUNK_SIZE
 ) -> list[dict[str, Any]]:
     """Pass 1 for a batch of objects (small ones fetched concurrently)."""
+    tune_malloc()
     infos = [o if isinstance(o, ObjectInfo) else ObjectInfo.from_dict(o) for o in objects]
-    return [scan_object(o, policies, chunk_size, data) for o, data in _object_data(infos)]
+    with _Ordered() as hashing:
+        return [scan_object(o, policies, chunk_size, data, hashing) for o, data in _object_data(infos)]
 
 
 def batch_objects(objects: Sequence[ObjectInfo]) -> list[list[ObjectInfo]]:
@@ -566,18 +603,31 @@ def batch_objects(objects: Sequence[ObjectInfo]) -> list[list[ObjectInfo]]:
 
 
 def scan_object(
-    obj: ObjectInfo | dict, policies: Policies, chunk_size: int = CHUNK_SIZE, data: bytes | None = None
+    obj: ObjectInfo | dict,
+    policies: Policies,
+    chunk_size: int = CHUNK_SIZE,
+    data: bytes | None = None,
+    hashing: _Ordered | None = None,
 ) -> dict[str, Any]:
-    """Pass 1 for one object: a small dict with its counts, sha256 and policy statistics."""
+    """Pass 1 for one object: a small dict with its counts, sha256 and policy statistics.
+
+    data: the object's bytes if already fetched; hashing: a worker for the sha256 (it releases
+    the GIL, so it runs beside the counting), else one is made for this object.
+    """
     obj = obj if isinstance(obj, ObjectInfo) else ObjectInfo.from_dict(obj)
     t0 = time.perf_counter()
     stream = TextStream(obj.url, policies)
     counter = CharCounter()
     h = hashlib.sha256()
     chars = 0
-    with _Ordered() as bg:
-        for utf8, nonascii in _iter_stream(stream, obj, chunk_size, data):
-            bg.submit(h.update, utf8)
+    with contextlib.ExitStack() as stack:
+        bg = hashing or stack.enter_context(_Ordered())
+        for utf8, nonascii, _ in _iter_stream(stream, obj, chunk_size, data):
+            if len(utf8) < _INLINE_HASH:
+                bg.drain()
+                h.update(utf8)
+            else:
+                bg.submit(h.update, utf8)
             chars += counter.add(utf8, nonascii)
         bg.drain()
     return {
@@ -664,13 +714,20 @@ def npy_header(dtype: np.dtype, n: int) -> bytes:
     return buf.getvalue()
 
 
+_CONTINUATION_BYTES = bytes(range(0x80, 0xC0))
+
+
 class _Encoder:
     """Normalized UTF-8 pieces -> ids for a fixed vocabulary, vectorised.
 
-    Vocabularies of at most 255 characters (uint8 ids, the usual case) are encoded on the bytes:
-    one translate maps ASCII bytes to ids and every other byte to a marker (255), the lead byte of
-    each non-ASCII character then gets that character's id and a second translate drops the
-    markers. Larger vocabularies go through UTF-16/UTF-32 code units and a lookup table.
+    Vocabularies of at most 255 characters (uint8 ids, the usual case) are encoded on the bytes,
+    with bytes.translate (a table lookup per byte, in C):
+    - no non-ASCII character in the piece: one translate, ASCII byte -> id;
+    - at most 64 non-ASCII characters in the vocabulary: each gets a code byte 0xC0 + j, written
+      over the lead byte of its occurrences (their positions come from validation), and one
+      translate maps ASCII bytes and codes to ids while deleting the continuation bytes;
+    - otherwise a marker byte instead of the codes, ids written at the leads, markers deleted.
+    Larger vocabularies go through UTF-16/UTF-32 code units and a lookup table.
     """
 
     MARK = 255
@@ -682,29 +739,40 @@ class _Encoder:
         self.lut = np.zeros(0x110000 if self.wide else 0x10000, dtype=self.dtype)
         self.lut[cps] = np.arange(len(cps), dtype=self.dtype)
         self.bytewise = len(vocab) <= self.MARK
-        if self.bytewise:
-            table = np.full(256, self.MARK, dtype=np.uint8)
-            table[:128] = self.lut[:128]
-            self.table = table.tobytes()
+        if not self.bytewise:
+            return
+        table = np.full(256, self.MARK, dtype=np.uint8)
+        table[:128] = self.lut[:128]
+        self.table = table.tobytes()
+        wide_cps = cps[cps >= 128]
+        self.coded = len(wide_cps) <= 64
+        if self.coded:  # code byte of each non-ASCII character, and a table from codes to ids
+            self.code = np.zeros(len(self.lut), dtype=np.uint8)
+            self.code[wide_cps] = 0xC0 + np.arange(len(wide_cps))
+            table[0xC0 : 0xC0 + len(wide_cps)] = self.lut[wide_cps]
+            self.code_table = table.tobytes()
 
-    def encode(self, utf8: bytes, nonascii: str) -> np.ndarray:
+    def encode(self, utf8: bytes, nonascii: str, leads: np.ndarray | None = None) -> np.ndarray:
         if not self.bytewise:
             text = utf8.decode("utf-8")
             if self.wide:
                 return self.lut[np.frombuffer(text.encode("utf-32-le"), dtype="<u4")]
             return self.lut[np.frombuffer(text.encode("utf-16-le"), dtype="<u2")]
-        marked = utf8.translate(self.table)
         if not nonascii:
-            return np.frombuffer(marked, dtype=np.uint8)
-        buf = bytearray(marked)
-        arr = np.frombuffer(buf, dtype=np.uint8)
-        leads = np.flatnonzero(np.frombuffer(utf8, dtype=np.uint8) >= 0xC0)
+            return np.frombuffer(utf8.translate(self.table), dtype=np.uint8)
+        if leads is None:
+            leads = np.flatnonzero(np.frombuffer(utf8, dtype=np.uint8) >= 0xC0)
         units = np.frombuffer(
             nonascii.encode("utf-32-le" if self.wide else "utf-16-le"), dtype="<u4" if self.wide else "<u2"
         )
         if len(units) != len(leads):
             raise SourceChangedError("encoded text does not match its scan; a source changed")
-        arr[leads] = self.lut[units]
+        if self.coded:
+            buf = bytearray(utf8)
+            np.frombuffer(buf, dtype=np.uint8)[leads] = self.code[units]
+            return np.frombuffer(buf.translate(self.code_table, _CONTINUATION_BYTES), dtype=np.uint8)
+        buf = bytearray(utf8.translate(self.table))
+        np.frombuffer(buf, dtype=np.uint8)[leads] = self.lut[units]
         return np.frombuffer(buf.translate(None, bytes([self.MARK])), dtype=np.uint8)
 
 
@@ -801,10 +869,14 @@ def encode_object(
     stream = TextStream(info.url, policies)
     h = hashlib.sha256()
     n = 0
-    for utf8, nonascii in _iter_stream(stream, info, chunk_size, data):
-        ids = encoder.encode(utf8, nonascii)
+    for utf8, nonascii, leads in _iter_stream(stream, info, chunk_size, data):
+        ids = encoder.encode(utf8, nonascii, leads)
         n += len(ids)
-        hashing.submit(h.update, utf8)
+        if len(utf8) < _INLINE_HASH:
+            hashing.drain()
+            h.update(utf8)
+        else:
+            hashing.submit(h.update, utf8)
         write(ids)
     hashing.drain()
     if h.hexdigest() != obj["sha256"] or n != obj["chars"]:
@@ -834,6 +906,7 @@ def publish(
     if existing is not None:
         return result_of(existing, folder, reused=True, warnings=warnings)
 
+    tune_malloc()
     vocab = vocab or build_vocab(scans)
     n = sum(s["chars"] for s in scans)
     sizes = split_sizes(n, policies.val_frac, policies.test_frac)

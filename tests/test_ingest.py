@@ -44,10 +44,10 @@ def stream(raw: bytes, p: Policies, chunk: int, url: str = "mem://obj") -> tuple
     ts = TextStream(url, p)
     out, rest = [], []
     for i in range(0, len(raw), chunk):
-        b, r = ts.feed(raw[i : i + chunk])
+        b, r, _ = ts.feed(raw[i : i + chunk])
         out.append(b)
         rest.append(r)
-    b, r = ts.finish()
+    b, r, _ = ts.finish()
     out.append(b)
     rest.append(r)
     return b"".join(out).decode("utf-8"), ts, "".join(rest)
@@ -439,3 +439,25 @@ def test_cli_arguments() -> None:
         p.parse_args(["ingest", "x", "--newlines", "crlf"])
     with pytest.raises(SystemExit):
         p.parse_args(["datasets"])
+
+
+@pytest.mark.parametrize("n_wide", [3, 64, 65, 200, 300], ids=lambda n: f"{n}-nonascii")
+def test_encoder_paths_agree_with_vocab(n_wide: int) -> None:
+    # <= 64 non-ASCII characters: code bytes; up to 255 in all: marker bytes; more: code units
+    rng = random.Random(n_wide)
+    wide = [chr(c) for c in range(0xC0, 0xC0 + n_wide // 2)] + [
+        chr(c) for c in range(0x1F600, 0x1F600 + n_wide - n_wide // 2)
+    ]
+    alphabet = [*"abc \n", *wide]
+    text = "".join(rng.choice(alphabet) for _ in range(5000))
+    vocab = Vocab.from_text(text)
+    enc = ingest._Encoder(vocab)
+    assert enc.bytewise == (len(vocab) <= 255) and (not enc.bytewise or enc.coded == (n_wide <= 64))
+    ts = TextStream("u", Policies())
+    raw = ("\ufeff" + text).encode()
+    ids = [enc.encode(*ts.feed(raw[i : i + 777])) for i in range(0, len(raw), 777)]
+    ids.append(enc.encode(*ts.finish()))
+    np.testing.assert_array_equal(np.concatenate(ids), vocab.encode(text))
+    if enc.bytewise:  # leads that do not match the text (the digest check catches the rest)
+        with pytest.raises(SourceChangedError):
+            enc.encode("x😀".encode(), "😀", np.array([0, 1]))
