@@ -411,17 +411,60 @@ class _Reader:
         self.close()
 
 
-def open_read(url: str, block_size: int = 4 << 20) -> _Reader:
-    """Open an object for streaming reads; read(n) fetches about n bytes (no whole-object read)."""
+class _StreamReader:
+    """An object read with a single streaming GET (s3fs's open_async), for sequential reads.
+
+    Ranged GETs per read() would cost a request each (and some servers re-read the object for
+    every range); one GET whose body is consumed as it arrives keeps memory at one read's size.
+    """
+
+    def __init__(self, fs: Any, path: str, url: str) -> None:
+        from fsspec.asyn import sync
+
+        self.url = url
+        self._loop = fs.loop
+        self._sync = sync
+        self._eof = False
+        self._f = sync(self._loop, fs.open_async, path, "rb")
+
+    def read(self, n: int = -1) -> bytes:
+        parts: list[bytes] = []
+        got = 0
+        with _errors(self.url, "read"):
+            while (n < 0 or got < n) and not self._eof:
+                b = self._sync(self._loop, self._f.read, -1 if n < 0 else n - got)
+                if not b:
+                    self._eof = True
+                    break
+                parts.append(b)
+                got += len(b)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._sync(self._loop, self._f.close)
+
+    def __enter__(self) -> _StreamReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_read(url: str, block_size: int = 4 << 20) -> _Reader | _StreamReader:
+    """Open an object for sequential streaming reads (never a whole-object read into memory).
+
+    Local files: a plain file. Filesystems with streaming GETs (S3): one GET read as it arrives.
+    Others: fsspec's file with reads of about block_size.
+    """
     lp = local_path(url)
     with _errors(url, "open"):
         if lp is not None:
             return _Reader(open(lp, "rb"), url)
         fs, path = filesystem(url)
-        kwargs: dict[str, Any] = {"block_size": block_size}
-        if protocol(url) in _ATOMIC_PUT:
-            kwargs["cache_type"] = "none"  # one ranged GET per read(); the caller chunks
-        return _Reader(fs.open(path, "rb", **kwargs), url)
+        if protocol(url) in ("s3", "s3a") and hasattr(fs, "open_async"):
+            return _StreamReader(fs, path, url)
+        return _Reader(fs.open(path, "rb", block_size=block_size), url)
 
 
 def read_bytes(url: str) -> bytes:
