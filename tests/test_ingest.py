@@ -426,7 +426,15 @@ def test_memory_store_round_trip(tmp_path) -> None:
     text = expected_text(CORPUS)
     assert ds.vocab.decode(np.concatenate([ds.splits[k] for k in ("train", "val", "test")])) == text
     assert isinstance(ds.vocab, Vocab)
+    # a corpus in memory:// too, streamed through fsspec's file objects
+    for name, data in CORPUS.items():
+        storage.write_bytes_atomic(storage.join("memory://charlm-corpus-test", name), data)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(ingest, "SMALL_OBJECT", 0)
+        again = ingest.ingest("memory://charlm-corpus-test", store, chunk_size=5)
+    assert again["id"] == r["id"] and again["reused"]
     storage.delete(store, recursive=True)
+    storage.delete("memory://charlm-corpus-test", recursive=True)
 
 
 def test_cli_arguments() -> None:
