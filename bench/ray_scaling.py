@@ -1,0 +1,215 @@
+"""Ray Train scaling on this machine: chars/s of 1 and 2 DDP workers vs one plain process at the
+same global batch, and the fixed start-up cost of a fit.
+
+All three run charlm's one training loop (`charlm.train.train`) on the same random data:
+  plain   train() in this process, batch G, all cores' threads
+  ray_1   one Ray worker, batch G, all cores
+  ray_2   two Ray workers (gloo DDP), batch G/2 each = global G, cores split between them
+Throughput is timed per step by a callback inside the loop after --warmup steps (evaluation and
+Ray's start-up excluded), so it is comparable with bench/train_throughput.py. The start-up cost
+is the wall time of a fit minus the time its steps and evaluations took: measured on a tiny model
+(2 steps) for 1 and 2 workers, with the Ray session already up; ray.init itself is reported apart.
+
+    python bench/ray_scaling.py [--hidden-size 512 --num-layers 2 --global-batch 64 --seq-len 100]
+Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from functools import partial
+
+import numpy as np
+import torch
+
+from charlm.config import TrainConfig
+from charlm.train import Callback, train
+
+V = 65
+
+
+class StepTimer(Callback):
+    """Seconds of every step after `warmup` (log_every=1: one on_log per step); written to `path`
+    on rank 0 at the end when given (the Ray workers' way back)."""
+
+    def __init__(self, warmup: int, path: str | None = None) -> None:
+        self.warmup, self.path, self.seconds, self.steps = warmup, path, 0.0, 0
+
+    def on_log(self, run, metrics) -> None:
+        if metrics["step"] > self.warmup:
+            self.seconds += run.chars_per_step / metrics["chars_per_s"]
+            self.steps += 1
+
+    def on_end(self, run, result) -> None:
+        if self.path and run.dist.rank == 0:
+            with open(self.path, "w") as f:
+                json.dump(
+                    {"seconds": self.seconds, "steps": self.steps, "chars_per_step": run.chars_per_step}, f
+                )
+
+
+def _timer_factory(warmup: int, path: str, rank: int, world: int) -> list:
+    return [StepTimer(warmup, path)]
+
+
+def make_corpus(path: str, n: int) -> None:
+    rng = np.random.default_rng(0)
+    alphabet = np.array([chr(32 + i) for i in range(V - 1)] + ["\n"])
+    with open(path, "w") as f:
+        f.write("".join(alphabet[rng.integers(0, V, size=n)]))
+
+
+def config(args, batch: int, steps: int) -> TrainConfig:
+    return TrainConfig(
+        hidden_size=args.hidden_size,
+        num_layers=args.num_layers,
+        embed_size=64,
+        dropout=0.5,
+        batch_size=batch,
+        seq_len=args.seq_len,
+        max_steps=steps,
+        eval_every=10**9,
+        eval_max_batches=1,
+        log_every=1,
+        precision=args.precision,
+        val_frac=0.02,
+        test_frac=0.0,
+    )
+
+
+def plain(args, corpus: str) -> float:
+    from charlm.cli import load_training_data
+
+    cfg = config(args, args.global_batch, args.warmup + args.steps)
+    vocab, splits, fp, label = load_training_data(corpus, cfg.val_frac, cfg.test_frac)
+    timer = StepTimer(args.warmup)
+    train(cfg, vocab, splits, callbacks=[timer], device="cpu", corpus_fingerprint=fp, corpus_name=label)
+    return args.global_batch * args.seq_len * timer.steps / timer.seconds
+
+
+def ray_run(args, corpus: str, store: str, workers: int, tag: str) -> dict:
+    from charlm.distributed import train_distributed
+
+    out = os.path.join(store, f"timer-{tag}.json")
+    cfg = config(args, args.global_batch // workers, args.warmup + args.steps)
+    summary = train_distributed(
+        cfg,
+        corpus,
+        store=store,
+        workers=workers,
+        use_gpu=False,
+        run_name=f"bench-{tag}",
+        max_failures=0,
+        rank_callbacks=partial(_timer_factory, args.warmup, out),
+    )
+    with open(out) as f:
+        t = json.load(f)
+    return {
+        "chars_per_s": t["chars_per_step"] * t["steps"] / t["seconds"],
+        "workers_chars_per_s": summary["workers_chars_per_s"],
+        "fit_seconds": summary["fit_seconds"],
+    }
+
+
+def startup(args, corpus: str, store: str, workers: int, tag: str) -> dict:
+    """Wall time of a fit of a tiny model (2 steps) minus its training and evaluation time."""
+    from charlm.distributed import train_distributed
+
+    cfg = TrainConfig(
+        hidden_size=16, num_layers=1, embed_size=8, batch_size=2, seq_len=16, max_steps=2, eval_max_batches=1
+    )
+    t0 = time.perf_counter()
+    s = train_distributed(cfg, corpus, store=store, workers=workers, use_gpu=False, run_name=f"startup-{tag}")
+    wall = time.perf_counter() - t0
+    return {"fit_wall_s": wall, "fit_s": s["fit_seconds"], "steps_s": s["train_seconds"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hidden-size", type=int, default=512)
+    p.add_argument("--num-layers", type=int, default=2)
+    p.add_argument("--global-batch", type=int, default=64, help="streams per step over all workers")
+    p.add_argument("--seq-len", type=int, default=100)
+    p.add_argument("--precision", default="auto")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=2)
+    args = p.parse_args()
+    if args.global_batch % 2:
+        p.error("--global-batch must be even (it is split over 2 workers)")
+
+    from charlm.distributed import ensure_ray
+
+    work = tempfile.mkdtemp(prefix="charlm-bench-ray-")
+    corpus = os.path.join(work, "corpus.txt")
+    make_corpus(corpus, args.global_batch * args.seq_len * (args.warmup + args.steps + 2) * 11 // 10)
+    t0 = time.perf_counter()
+    ensure_ray()
+    ray_init_s = time.perf_counter() - t0
+
+    results: dict[str, list] = {"plain": [], "ray_1": [], "ray_2": []}
+    per_worker: list = []
+    for r in range(args.rounds):  # alternate so that drift on a shared machine hits all alike
+        results["plain"].append(plain(args, corpus))
+        results["ray_1"].append(
+            ray_run(args, corpus, os.path.join(work, "store"), 1, f"1-{r}")["chars_per_s"]
+        )
+        two = ray_run(args, corpus, os.path.join(work, "store"), 2, f"2-{r}")
+        results["ray_2"].append(two["chars_per_s"])
+        per_worker.append(two["workers_chars_per_s"])
+    starts = {
+        f"{w}_workers": [startup(args, corpus, os.path.join(work, "store"), w, f"{w}-{i}") for i in range(2)]
+        for w in (1, 2)
+    }
+    med = {k: statistics.median(v) for k, v in results.items()}
+    with open("/proc/cpuinfo") as f:
+        cpu = next(
+            (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), platform.processor()
+        )
+    print(
+        json.dumps(
+            {
+                "bench": "ray_scaling",
+                "cpu": cpu,
+                "cores": len(os.sched_getaffinity(0)),
+                "torch_threads_plain": torch.get_num_threads(),
+                "config": {
+                    k: getattr(args, k)
+                    for k in (
+                        "hidden_size",
+                        "num_layers",
+                        "global_batch",
+                        "seq_len",
+                        "precision",
+                        "steps",
+                        "rounds",
+                    )
+                },
+                "chars_per_s": {k: round(v) for k, v in med.items()},
+                "all_rounds": {k: [round(x) for x in v] for k, v in results.items()},
+                "ray_2_workers_chars_per_s_last_log": per_worker,
+                "ratio_ray_1_vs_plain": round(med["ray_1"] / med["plain"], 3),
+                "ratio_ray_2_vs_plain": round(med["ray_2"] / med["plain"], 3),
+                "ray_init_s": round(ray_init_s, 2),
+                "startup": {
+                    k: {
+                        "fit_wall_s": round(min(x["fit_wall_s"] for x in v), 2),
+                        "overhead_s": round(min(x["fit_s"] - x["steps_s"] for x in v), 2),
+                        "all": [{kk: round(vv, 2) for kk, vv in x.items()} for x in v],
+                    }
+                    for k, v in starts.items()
+                },
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
