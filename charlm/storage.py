@@ -313,7 +313,7 @@ def list_objects(source: str, *, include_hidden: bool = False) -> list[ObjectInf
     """
     fs, path = filesystem(source)
     with _errors(source, "list"):
-        if has_glob(path):
+        if has_glob(path) and not fs.exists(path):  # a literal name with [ or * is not a glob
             found = fs.glob(path, detail=True)
             prefix = path.split("*")[0].split("?")[0].split("[")[0]
             prefix = prefix.rsplit("/", 1)[0] if "/" in prefix else ""

@@ -200,3 +200,11 @@ def test_errors_are_storage_errors(tmp_path) -> None:
         storage.read_bytes(str(tmp_path / "missing"))
     with pytest.raises(StorageError, match="is a folder"):
         storage.info(str(tmp_path))
+
+
+def test_names_with_glob_characters_are_literal_when_they_exist(tmp_path) -> None:
+    folder = tmp_path / "data[1]"
+    folder.mkdir()
+    (folder / "x.txt").write_bytes(b"x")
+    assert [o.size for o in storage.list_objects(str(folder))] == [1]
+    assert [o.size for o in storage.list_objects(str(folder / "x.txt"))] == [1]
