@@ -2,8 +2,9 @@
 local S3 server (moto_server, a separate process on 127.0.0.1), at two corpus sizes.
 
 Each ingestion runs in a fresh child process; the parent samples the resident memory of the
-child's whole process tree (/proc, every 20 ms) and reports the peak, plus the kernel's
-ru_maxrss of the largest process. MB/s is corpus bytes / seconds from listing to published
+child's whole process tree (/proc, every 20 ms). peak_tree_rss_mb is the larger of that sampled
+peak and the kernel's high-water mark (ru_maxrss) of the ingesting process itself (exact when the
+tree is that one process, as in the library runs; the flow runs add Prefect's API server). MB/s is corpus bytes / seconds from listing to published
 manifest (both passes: scan and encode), measured inside the child.
 
     .venv/bin/python bench/ingest.py                       # sizes 100 and 300 MB, folder + S3
@@ -145,7 +146,9 @@ def run_child(args: list[str], env: dict[str, str]) -> dict[str, Any]:
     if proc.returncode:
         raise RuntimeError(f"child {args} failed:\n{err.decode()[-3000:]}")
     res = json.loads(out.decode().strip().splitlines()[-1])
-    res["peak_tree_rss_mb"] = round(peak / 2**20, 1)
+    res["tree_rss_sampled_mb"] = round(peak / 2**20, 1)
+    # the kernel's high-water mark of the ingesting process is exact; sampling can miss spikes
+    res["peak_tree_rss_mb"] = max(res["tree_rss_sampled_mb"], res["maxrss_mb"])
     res["process_wall_s"] = round(time.perf_counter() - t0, 2)
     return res
 
