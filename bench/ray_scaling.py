@@ -78,7 +78,7 @@ def config(args, batch: int, steps: int) -> TrainConfig:
         eval_max_batches=1,
         log_every=1,
         precision=args.precision,
-        val_frac=0.02,
+        val_frac=0.1,
         test_frac=0.0,
     )
 
@@ -148,10 +148,11 @@ def main() -> None:
 
     work = tempfile.mkdtemp(prefix="charlm-bench-ray-")
     corpus = os.path.join(work, "corpus.txt")
-    make_corpus(corpus, args.global_batch * args.seq_len * (args.warmup + args.steps + 2) * 11 // 10)
+    make_corpus(corpus, int(args.global_batch * args.seq_len * (args.warmup + args.steps + 12) / 0.85))
     t0 = time.perf_counter()
     ensure_ray()
     ray_init_s = time.perf_counter() - t0
+    time.sleep(10)  # Ray pre-starts idle worker processes after init: let their imports finish
 
     results: dict[str, list] = {"plain": [], "ray_1": [], "ray_2": []}
     per_worker: list = []

@@ -60,13 +60,21 @@ def make_corpus(n_chars: int = 40_000, seed: int = 0) -> str:
 
 class DieOnce(Callback):
     """SIGKILLs its own worker process on `rank` right after step `step`, the first time only
-    (a marker file remembers that it happened, across restarts)."""
+    (a marker file remembers that it happened, across restarts).
+
+    Before dying it waits until Ray has committed every checkpoint reported so far: otherwise a
+    death a few milliseconds after a report races the controller's registration of it, and the run
+    (correctly, but unpredictably for a test) resumes from the checkpoint before."""
 
     def __init__(self, marker: str, rank: int, step: int) -> None:
         self.marker, self.rank, self.step = marker, rank, step
 
     def should_stop(self, run) -> bool:
         if run.dist.rank == self.rank and run.step == self.step and not os.path.exists(self.marker):
+            import ray.train
+            from ray.train.v2.api.report_config import CheckpointConsistencyMode
+
+            ray.train.get_all_reported_checkpoints(CheckpointConsistencyMode.COMMITTED, timeout_s=60)
             with open(self.marker, "w") as f:
                 f.write(f"{os.getpid()}\n")
             os.kill(os.getpid(), signal.SIGKILL)
