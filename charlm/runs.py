@@ -58,20 +58,26 @@ def ray_checkpoints(folder: str) -> list[str]:
     return [storage.join(d, CKPT_FILE) for d in sorted(dirs, key=storage.basename)]
 
 
-def find_checkpoint(ref: str, which: str = "best") -> str:
+def find_checkpoint(ref: str, which: str = "best", store: str | None = None) -> str:
     """The URL/path of a checkpoint file for a run folder or checkpoint reference.
 
+    ref: a checkpoint file, a run folder (local path or URL), or the bare name of a run in
+    `<store>/runs/` (store: the argument, else $CHARLM_STORE, else ~/.charlm/store).
     which="best": published best.pt, else last.pt; without them (a run still going or crashed),
     Ray's committed checkpoint with the lowest val loss, else the newest checkpoint_* folder.
     which="last": the same with last.pt / the latest checkpoint first.
     """
     if which not in PUBLISHED:
         raise ValueError(f"which must be 'best' or 'last', got {which!r}")
+    given = ref
     ref = storage.normalize_url(ref)
     if _is_file(ref):
         return ref
     if not storage.exists(ref):
-        raise RunError(f"{ref}: no such checkpoint file or run folder")
+        named = storage.join(storage.store_root(store), "runs", given)
+        if "/" in given or "://" in given or not storage.exists(named):
+            raise RunError(f"{given}: no such checkpoint file, run folder or run name")
+        ref = named
     for name in PUBLISHED[which]:
         url = storage.join(ref, name)
         if _is_file(url):
@@ -93,11 +99,12 @@ def find_checkpoint(ref: str, which: str = "best") -> str:
     raise RunError(f"{ref}: holds no best.pt, last.pt or checkpoint_*/{CKPT_FILE} (not a charlm run folder?)")
 
 
-def load_checkpoint(ref: str, which: str = "best") -> tuple[dict[str, Any], str]:
-    """(checkpoint dict, its URL) for `find_checkpoint(ref, which)`, read through the storage adapter."""
+def load_checkpoint(ref: str, which: str = "best", store: str | None = None) -> tuple[dict[str, Any], str]:
+    """(checkpoint dict, its URL) for `find_checkpoint(ref, which, store)`, read through the storage
+    adapter (local files directly; object stores as bytes)."""
     from charlm import checkpoint
 
-    url = find_checkpoint(ref, which)
+    url = find_checkpoint(ref, which, store)
     lp = storage.local_path(url)
     if lp is not None:
         return checkpoint.load(lp, name=url), url

@@ -128,7 +128,7 @@ def test_a_failed_run_is_explained_by_its_first_cause():
 
 
 def test_find_checkpoint_in_a_run_folder(tmp_path):
-    run = tmp_path / "run"
+    run = tmp_path / "runs" / "run"
     for step, loss in ((10, 1.5), (20, 1.9)):
         (run / f"checkpoint_{step:09d}").mkdir(parents=True)
         (run / f"checkpoint_{step:09d}" / "checkpoint.pt").write_bytes(_tiny_checkpoint(step, loss))
@@ -150,8 +150,12 @@ def test_find_checkpoint_in_a_run_folder(tmp_path):
     assert runs.find_checkpoint(str(run)) == str(run / "best.pt")
     assert runs.find_checkpoint(str(run), "last") == str(run / "best.pt")  # no last.pt: the other one
     assert runs.find_checkpoint(str(run / "best.pt")) == str(run / "best.pt")
-    with pytest.raises(runs.RunError, match="no such checkpoint file or run folder"):
+    with pytest.raises(runs.RunError, match="missing: no such checkpoint file, run folder or run name"):
         runs.find_checkpoint(str(tmp_path / "missing"))
+    # a bare run name is looked up in <store>/runs/
+    assert runs.find_checkpoint("run", store=str(tmp_path)) == str(run / "best.pt")
+    with pytest.raises(runs.RunError, match=r"^nope: no such"):
+        runs.find_checkpoint("nope", store=str(tmp_path))
     (tmp_path / "empty").mkdir()
     with pytest.raises(runs.RunError, match=r"empty: holds no best.pt, last.pt or checkpoint_"):
         runs.find_checkpoint(str(tmp_path / "empty"))
