@@ -57,10 +57,15 @@ def load_training_data(corpus: str, val_frac: float, test_frac: float, store: st
     return vocab, split_ids(ids, val_frac, test_frac), h.hexdigest(), corpus
 
 
-def resolve_model(ref: str, device: str = "cpu"):
-    """(model, vocab, checkpoint dict, label) from a checkpoint file or a training out dir."""
+def resolve_model(ref: str, device: str = "cpu", store: str | None = None):
+    """(model, vocab, checkpoint dict, label) from models:/NAME@ALIAS, models:/NAME/VERSION,
+    runs:/..., a checkpoint path/URL or a run folder (local or in a store)."""
     from charlm import checkpoint
 
+    if ref.startswith(("models:/", "runs:/")) or "://" in ref:
+        from charlm.tracking import resolve_model_ref  # mlflow is imported only for these
+
+        return resolve_model_ref(ref, device, store=store)
     p = Path(ref)
     if p.is_dir():
         for name in ("best.pt", "last.pt"):
@@ -68,7 +73,11 @@ def resolve_model(ref: str, device: str = "cpu"):
                 p = p / name
                 break
         else:
-            raise CLIError(f"{ref}: folder holds no best.pt or last.pt checkpoint")
+            try:
+                from charlm.runs import find_checkpoint
+            except ModuleNotFoundError:
+                raise CLIError(f"{ref}: folder holds no best.pt or last.pt checkpoint") from None
+            p = Path(find_checkpoint(ref))
     model, vocab, ck = checkpoint.load_model(str(p), name=str(p), device=device)
     return model, vocab, ck, str(p)
 
@@ -288,16 +297,78 @@ def run_local_training(
 def cmd_train(a: argparse.Namespace) -> dict:
     cfg = train_config_from_args(a)
     quiet = a.json and not sys.stderr.isatty()
-    summary = run_local_training(
-        cfg, a.corpus, Path(a.out), resume=a.resume, quiet=quiet, store=a.store, device=a.device
-    )
+    distributed = a.workers is not None or a.out is None
+    if distributed and a.out is not None:
+        raise CLIError("--out is for a local run; with --workers the run lives in <store>/runs/<run name>")
+    if not distributed and a.out is not None and (Path(a.out) / "last.pt").exists() and not a.resume:
+        raise CLIError(
+            f"{a.out}: already holds a training run (last.pt); pass --resume to continue it or choose another --out"
+        )
+
+    if distributed:
+        from charlm.distributed import train_distributed
+
+        scaling = {"workers": a.workers or 1, "use_gpu": a.gpu}
+
+        def run_fn(tracked=None) -> dict:
+            return train_distributed(
+                cfg,
+                a.corpus,
+                store=a.store,
+                workers=scaling["workers"],
+                use_gpu=a.gpu,
+                run_name=a.run_name,
+                resume=a.resume,
+                max_failures=a.max_failures,
+                extra_callbacks=tracked.callback_factory() if tracked is not None else None,
+                quiet=quiet,
+            )
+
+    else:
+        scaling = {"workers": 1, "use_gpu": a.device.startswith("cuda")}
+
+        def run_fn(tracked=None) -> dict:
+            return run_local_training(
+                cfg,
+                a.corpus,
+                Path(a.out),
+                resume=a.resume,
+                quiet=quiet,
+                store=a.store,
+                device=a.device,
+                extra_callbacks=tracked.callbacks() if tracked is not None else None,
+            )
+
+    if a.no_track:
+        if a.register:
+            raise CLIError("--register needs tracking; drop --no-track")
+        summary = run_fn()
+    else:
+        from charlm import tracking
+
+        summary = tracking.tracked_training(
+            run_fn,
+            corpus=a.corpus,
+            out=a.out,
+            store=a.store,
+            register=a.register,
+            experiment=a.experiment,
+            tracking_uri=a.tracking_uri,
+            run_name=a.run_name,
+            resume=a.resume,
+            params=scaling,
+        )
     if not a.json:
+        where = summary.get("out_dir") or summary.get("run_url")
         print(
             f"trained {summary['steps']} steps ({summary['epochs']:.2f} epochs): best val loss "
             f"{summary['best_val_loss']:.4f} nats/char ({summary['best_val_bpc']:.4f} bpc), "
-            f"{summary['chars_per_s']:,.0f} chars/s; checkpoints in {summary['out_dir']}",
+            f"{summary['chars_per_s']:,.0f} chars/s; checkpoints in {where}",
             file=sys.stderr,
         )
+        reg = (summary.get("mlflow") or {}).get("registered")
+        if reg:
+            print(f"registered {reg['model_uri']}", file=sys.stderr)
     return summary
 
 
@@ -364,7 +435,7 @@ def generate_samples(model, vocab, a: argparse.Namespace, stream: bool) -> list[
 
 
 def cmd_sample(a: argparse.Namespace) -> dict:
-    model, vocab, ck, label = resolve_model(a.model)
+    model, vocab, ck, label = resolve_model(a.model, store=a.store)
     samples = generate_samples(model, vocab, a, stream=not a.json)
     return {
         "model": label,
@@ -432,24 +503,70 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--out",
         "--checkpoint-dir",
-        required=True,
-        help="folder for checkpoints (last.pt, best.pt), metrics.jsonl and loss.png",
+        default=None,
+        help="local run: folder for checkpoints (last.pt, best.pt), metrics.jsonl and loss.png; "
+        "without it the run goes to Ray and <store>/runs/<run name>",
     )
     t.add_argument(
-        "--resume", action="store_true", help="continue the run in --out from its last checkpoint, exactly"
+        "--resume",
+        action="store_true",
+        help="continue the run (in --out, or the Ray run named by --run-name / the parameters) exactly",
     )
     t.add_argument(
-        "--store", default=None, help="store root for dataset ids (default $CHARLM_STORE or ~/.charlm/store)"
+        "--store",
+        default=None,
+        help="store root for datasets and runs (default $CHARLM_STORE or ~/.charlm/store)",
     )
+    ray = t.add_argument_group("distributed (Ray Train; RAY_ADDRESS joins a cluster)")
+    ray.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="DDP workers; the global batch is --batch-size x workers streams",
+    )
+    ray.add_argument(
+        "--gpu",
+        dest="gpu",
+        action="store_true",
+        default=None,
+        help="one GPU per worker (default: when the cluster has them)",
+    )
+    ray.add_argument("--no-gpu", dest="gpu", action="store_false", help="CPU workers (gloo)")
+    ray.add_argument(
+        "--run-name",
+        default=None,
+        help="run folder name (default: derived from the parameters, so re-running resumes)",
+    )
+    ray.add_argument(
+        "--max-failures",
+        type=int,
+        default=2,
+        help="worker-group restarts from the last checkpoint (default %(default)s)",
+    )
+    tr = t.add_argument_group("tracking (MLflow; MLFLOW_TRACKING_URI for a server)")
+    tr.add_argument(
+        "--register",
+        default=None,
+        metavar="NAME",
+        help="register the best checkpoint as a new version of model NAME",
+    )
+    tr.add_argument("--experiment", default=None, help="MLflow experiment (default charlm)")
+    tr.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite beside the store)",
+    )
+    tr.add_argument("--no-track", action="store_true", help="do not record the run in MLflow")
     _add_train_flags(t)
     t.set_defaults(func=cmd_train)
 
     s = sub.add_parser(
         "sample",
         help="generate text from a trained model",
-        description="Generate text. MODEL is a checkpoint file or a training --out folder (its best.pt).",
+        description="Generate text. MODEL is models:/NAME@ALIAS, models:/NAME/VERSION, a checkpoint file or URL, or a run folder (its best checkpoint).",
     )
     s.add_argument("model", metavar="MODEL")
+    s.add_argument("--store", default=None, help="store root for run-folder and dataset references")
     _add_sample_flags(s)
     s.set_defaults(func=cmd_sample)
 
@@ -465,7 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default=None, help="run folder (default $CHARLM_STORE/runs/demo-<time>)")
     d.set_defaults(func=cmd_demo)
 
-    for module in ("charlm.cli_datasets", "charlm.cli_models"):
+    for module in ("charlm.cli_datasets", "charlm.cli_models", "charlm.cli_jobs"):
         try:
             mod = __import__(module, fromlist=["add_commands"])
         except ModuleNotFoundError as e:  # that part's extras are not installed

@@ -48,6 +48,7 @@ def test_train_then_sample_json(tmp_path, corpus, capsys):
     summary = _json(capsys)
     assert summary["steps"] == 20 and summary["out_dir"] == str(out)
     assert summary["best_val_loss"] < 3.0 and summary["chars_per_s"] > 0
+    assert summary["mlflow"]["run_id"]  # every training run is an MLflow run unless --no-track
     assert {p.name for p in out.iterdir()} >= {
         "last.pt",
         "best.pt",
@@ -101,7 +102,7 @@ def test_train_then_sample_json(tmp_path, corpus, capsys):
 
 def test_sample_streams_one_sample_to_stdout(tmp_path, corpus, capsys):
     out = tmp_path / "run"
-    main(["train", str(corpus), "--out", str(out), "--max-steps", "5", *TINY, "--json"])
+    main(["train", str(corpus), "--out", str(out), "--max-steps", "5", *TINY, "--no-track", "--json"])
     capsys.readouterr()
     assert main(["sample", str(out), "--prime", "or not", "--length", "25", "--seed", "1"]) == 0
     printed = capsys.readouterr().out
@@ -110,7 +111,7 @@ def test_sample_streams_one_sample_to_stdout(tmp_path, corpus, capsys):
 
 def test_resume_refuses_to_overwrite_and_continues(tmp_path, corpus, capsys):
     out = tmp_path / "run"
-    args = ["train", str(corpus), "--out", str(out), *TINY, "--eval-every", "10", "--json"]
+    args = ["train", str(corpus), "--out", str(out), *TINY, "--eval-every", "10", "--no-track", "--json"]
     assert main([*args, "--max-steps", "10"]) == 0
     capsys.readouterr()
     assert main([*args, "--max-steps", "20"]) == 1
