@@ -418,3 +418,39 @@ def test_one_worker_gives_the_same_model_as_plain_local_training(ray_cluster, tm
     local = run_local_training(cfg, str(corpus), tmp_path / "local", resume=False, quiet=True, device="cpu")
     _assert_same_weights(_weights(summary["last_checkpoint"]), _weights(local["last_checkpoint"]))
     assert summary["best_val_loss"] == local["best_val_loss"]
+
+
+@pytest.mark.slow
+def test_generation_on_two_ray_actors_equals_one_process(ray_cluster, s3_bucket):
+    from charlm import checkpoint, storage
+    from charlm.config import ModelConfig
+    from charlm.genjob import read_records, run_job
+    from charlm.generate import GenerateConfig
+    from charlm.model import CharLM
+    from charlm.vocab import Vocab
+
+    vocab = Vocab.from_text(ray_fixtures.make_corpus(2000))
+    torch.manual_seed(1)
+    model = CharLM(ModelConfig(len(vocab), "lstm", 2, 32, 8, 0.0))
+    ck = checkpoint.to_bytes(checkpoint.build(model, model.config, vocab))
+    prompts = f"{s3_bucket}/prompts.jsonl"
+    storage.write_text_atomic(
+        prompts, '{"prompt": "The quick"}\n{"prompt": "Pack my box"}\n{"prompt": "ZZZ"}\n"A lazy"\n'
+    )
+    cfg = GenerateConfig(num_samples=3, length=30, seed=7, batch_size=4)
+    seen: list[tuple[int, int]] = []
+    two = run_job(
+        ck,
+        "tiny",
+        prompts,
+        f"{s3_bucket}/out2",
+        cfg,
+        workers=2,
+        executor=distributed.generate_on_ray,
+        progress=lambda d, n: seen.append((d, n)),
+    )
+    one = run_job(ck, "tiny", prompts, f"{s3_bucket}/out1", cfg, workers=1)
+    assert two["workers"] == 2 and two["records"] == one["records"] == 12 and two["errors"] == 3
+    assert seen[-1] == (9, 12)
+    assert read_records(f"{s3_bucket}/out2") == read_records(f"{s3_bucket}/out1")
+    assert storage.exists(f"{s3_bucket}/out2/part-00001.jsonl")
