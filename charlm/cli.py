@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -449,40 +448,6 @@ def cmd_sample(a: argparse.Namespace) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# demo
-
-
-def cmd_demo(a: argparse.Namespace) -> dict:
-    from charlm.config import TrainConfig
-    from charlm.corpus import DEFAULT_CORPUS
-
-    out = Path(a.out) if a.out else Path(default_store()) / "runs" / time.strftime("demo-%Y%m%d-%H%M%S")
-    cfg = TrainConfig(time_budget=a.minutes, eval_every=100, hidden_size=a.hidden_size, seed=a.seed)
-    print(
-        f"charlm demo: training a {cfg.num_layers}x{cfg.hidden_size} {cfg.cell.upper()} on the Python standard "
-        f"library's source for {a.minutes:g} minutes -> {out}",
-        file=sys.stderr,
-    )
-    summary = run_local_training(cfg, DEFAULT_CORPUS, out, resume=False, quiet=False)
-    from charlm.sample import Sampler
-
-    model, vocab, _, label = resolve_model(str(out))
-    primes = ["def ", "class ", "import "]
-    texts = Sampler(model, vocab, max_batch=len(primes)).generate(
-        primes, a.length, temperature=0.7, seed=a.seed
-    )
-    if not a.json:
-        for p, t in zip(primes, texts, strict=True):
-            print(f"--- sample (prime {p!r}) ---\n{p}{t}\n")
-        print(
-            f"best val loss {summary['best_val_loss']:.4f} nats/char ({summary['best_val_bpc']:.3f} bpc) after "
-            f"{summary['steps']} steps at {summary['chars_per_s']:,.0f} chars/s.\n"
-            f"more samples: charlm sample {label} --prime 'def ' --temperature 0.8",
-        )
-    return {**summary, "samples": [{"prime": p, "text": t} for p, t in zip(primes, texts, strict=True)]}
-
-
-# ---------------------------------------------------------------------------------------------
 # wiring
 
 
@@ -569,18 +534,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--store", default=None, help="store root for run-folder and dataset references")
     _add_sample_flags(s)
     s.set_defaults(func=cmd_sample)
-
-    d = sub.add_parser(
-        "demo",
-        help="train on the embedded default corpus for a few minutes, then sample",
-        description="The main job on the embedded default: trains on the Python standard library's own source (present on any machine with Python) and prints samples.",
-    )
-    d.add_argument("--minutes", type=float, default=4.0, help="training time budget (default %(default)s)")
-    d.add_argument("--hidden-size", type=int, default=512, help="(default %(default)s)")
-    d.add_argument("--length", type=int, default=400, help="characters per sample (default %(default)s)")
-    d.add_argument("--seed", type=int, default=1337)
-    d.add_argument("--out", default=None, help="run folder (default $CHARLM_STORE/runs/demo-<time>)")
-    d.set_defaults(func=cmd_demo)
 
     for module in ("charlm.cli_datasets", "charlm.cli_models", "charlm.cli_jobs"):
         try:

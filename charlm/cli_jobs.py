@@ -32,6 +32,96 @@ def _generate(a: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
+def _pipeline(a: argparse.Namespace) -> dict[str, Any]:
+    from charlm.cli import train_config_from_args
+    from flows.pipeline import pipeline
+
+    cfg = train_config_from_args(a)
+    scaling = {"workers": a.workers, "use_gpu": a.gpu, "max_failures": a.max_failures}
+    gen = {"num_samples": a.num_samples, "length": a.length}
+    res = pipeline(
+        a.corpus,
+        a.name,
+        config=cfg.to_dict(),
+        scaling=scaling,
+        store=a.store,
+        margin=a.margin,
+        prompts=a.prompts,
+        generate_config=gen,
+        tracking_uri=a.tracking_uri,
+    )
+    if not a.json:
+        _print_pipeline(res, a.name)
+    return res
+
+
+def _print_pipeline(res: dict[str, Any], name: str) -> None:
+    t, d = res["trained"], res["decision"]
+    how = (
+        "reused (this dataset and config were trained before)"
+        if t.get("skipped")
+        else "trained and registered"
+    )
+    print(
+        f"dataset {res['dataset']['id'][:16]}{' (unchanged)' if res['dataset']['reused'] else ''}",
+        file=sys.stderr,
+    )
+    print(f"model {name} version {t['version']}: {how}", file=sys.stderr)
+    print(f"@{d['alias']}: {d['decision']} ({d['reason']})", file=sys.stderr)
+    print(f"samples: {res['samples']['out']}", file=sys.stderr)
+
+
+def _demo(a: argparse.Namespace) -> dict[str, Any]:
+    from charlm import storage
+    from charlm.config import TrainConfig
+    from charlm.corpus import default_corpus_text
+    from charlm.genjob import read_records
+    from charlm.tracking import resolve_tracking_uri
+    from flows.pipeline import pipeline
+
+    root = storage.store_root(a.store)
+    corpus = storage.join(root, "corpora", "python-stdlib", "stdlib.py.txt")
+    if not storage.exists(corpus):  # the embedded default: the standard library's own source
+        storage.write_text_atomic(corpus, default_corpus_text())
+    prompts = a.prompts
+    if prompts is None:
+        prompts = storage.join(root, "corpora", "python-stdlib", "prompts.txt")
+        if not storage.exists(prompts):
+            storage.write_text_atomic(prompts, "def \nclass \nimport \n")
+    cfg = TrainConfig(time_budget=a.minutes, eval_every=100, hidden_size=a.hidden_size, seed=a.seed)
+    print(
+        f"charlm demo: ingest the Python standard library's source -> train a {cfg.num_layers}x{cfg.hidden_size} "
+        f"{cfg.cell.upper()} on local Ray for {a.minutes:g} min -> register '{a.name}' in MLflow -> evaluate, "
+        f"promote -> generate (store: {root})",
+        file=sys.stderr,
+    )
+    res = pipeline(
+        [corpus],
+        a.name,
+        config=cfg.to_dict(),
+        scaling={"workers": 1},
+        store=a.store,
+        generate_config={"num_samples": 1, "length": a.length, "temperature": 0.7, "seed": a.seed},
+        prompts=prompts,
+    )
+    records = read_records(res["samples"]["out"])
+    uri = resolve_tracking_uri(None, a.store)
+    if not a.json:
+        for r in records:
+            if r["sample"] is not None:
+                print(f"--- prompt {r['prompt']!r} ---\n{r['prompt']}{r['sample']}\n")
+        _print_pipeline(res, a.name)
+        print(
+            f"\nregistered: models:/{a.name}/{res['trained']['version']}  (champion: models:/{a.name}@champion)\n"
+            f"more samples:   charlm sample models:/{a.name}@champion --prime 'def ' --length 500\n"
+            f"MLflow UI:      mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000   -> http://127.0.0.1:5000\n"
+            f"Prefect UI:     prefect server start --host 127.0.0.1   -> http://127.0.0.1:4200 (flow runs recorded there\n"
+            f"                after `prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api`; the demo used an ephemeral server)",
+            file=sys.stderr,
+        )
+    return {**res, "tracking_uri": uri, "sample_records": records}
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     g = sub.add_parser(
         "generate",
@@ -58,3 +148,48 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--store", default=None, help="store root (default $CHARLM_STORE or ~/.charlm/store)")
     g.add_argument("--json", action="store_true", help="print one JSON object on stdout at the end")
     g.set_defaults(func=_generate)
+
+    from charlm.cli import _add_train_flags
+
+    p = sub.add_parser(
+        "pipeline",
+        help="ingest -> train on Ray -> register -> evaluate vs the champion -> promote if better -> generate",
+        description="The end-to-end flow for model NAME. Re-running it on an unchanged corpus trains nothing; "
+        "a failed run resumes where it stopped. Takes the model and training flags of `charlm train`.",
+    )
+    p.add_argument("corpus", nargs="+", metavar="CORPUS", help="objects, prefixes or globs at any store URL")
+    p.add_argument("--name", required=True, help="registered model name")
+    p.add_argument("--store", default=None, help="store root (default $CHARLM_STORE or ~/.charlm/store)")
+    p.add_argument("--workers", type=int, default=1, help="Ray DDP workers (default %(default)s)")
+    p.add_argument("--gpu", dest="gpu", action="store_true", default=None, help="one GPU per worker")
+    p.add_argument("--no-gpu", dest="gpu", action="store_false", help="CPU workers")
+    p.add_argument("--max-failures", type=int, default=2, help="worker restarts (default %(default)s)")
+    p.add_argument(
+        "--margin", type=float, default=0.01, help="bits/char a candidate must win by (default %(default)s)"
+    )
+    p.add_argument(
+        "--prompts", default=None, help="prompts file for the sample set (default: a few built-in prompts)"
+    )
+    p.add_argument("--num-samples", type=int, default=2, help="samples per prompt (default %(default)s)")
+    p.add_argument("--length", type=int, default=300, help="characters per sample (default %(default)s)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout at the end")
+    _add_train_flags(p)
+    p.set_defaults(func=_pipeline)
+
+    d = sub.add_parser(
+        "demo",
+        help="the whole pipeline on the embedded default corpus (the Python standard library's source)",
+        description="The main job on the embedded default: local store folder, local Ray, ephemeral Prefect, "
+        "sqlite MLflow. Ingests the Python standard library's own source (present on any machine with Python), "
+        "trains for --minutes, registers and promotes the model, generates samples and prints them.",
+    )
+    d.add_argument("--minutes", type=float, default=4.0, help="training time budget (default %(default)s)")
+    d.add_argument("--hidden-size", type=int, default=512, help="(default %(default)s)")
+    d.add_argument("--length", type=int, default=400, help="characters per sample (default %(default)s)")
+    d.add_argument("--seed", type=int, default=1337, help="(default %(default)s)")
+    d.add_argument("--name", default="python-stdlib", help="registered model name (default %(default)s)")
+    d.add_argument("--prompts", default=None, help="prompts file URL (default: def / class / import)")
+    d.add_argument("--store", default=None, help="store root (default $CHARLM_STORE or ~/.charlm/store)")
+    d.add_argument("--json", action="store_true", help="print one JSON object on stdout at the end")
+    d.set_defaults(func=_demo)

@@ -781,8 +781,10 @@ def tracked_training(
     resume: bool = False,
     params: dict[str, Any] | None = None,
     callback_options: dict[str, Any] | None = None,
+    register_tags: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run run_fn(tracked_run) inside an MLflow run; register its best checkpoint if asked.
+    """Run run_fn(tracked_run) inside an MLflow run; register its best checkpoint if asked
+    (with register_tags added to the version's tags).
 
     run_fn trains with tracked_run.callbacks() (local) or tracked_run.callback_factory() (Ray) and
     returns the training summary (needs 'best_checkpoint' and 'best_val_bpc' to register). The
@@ -823,7 +825,7 @@ def tracked_training(
             best = summary.get("best_checkpoint")
             if not best:
                 raise TrackingError(f"model {register}: the training summary names no best checkpoint")
-            info["registered"] = tracked.register(str(best), register)
+            info["registered"] = tracked.register(str(best), register, tags=register_tags)
     return {**summary, "mlflow": info}
 
 
@@ -1043,6 +1045,21 @@ def _float_or_none(v: Any) -> float | None:
         return float(v) if v is not None else None
     except (TypeError, ValueError):
         return None
+
+
+def find_version(
+    name: str, tag: str, value: str, *, tracking_uri: str | None = None, store: str | None = None
+) -> int | None:
+    """The newest version of model name whose tag equals value, or None (also when the model
+    does not exist yet)."""
+    uri = resolve_tracking_uri(tracking_uri, store)
+    client = _activate(uri)
+    try:
+        versions = _all_versions(client, name)
+    except TrackingError:
+        return None
+    hits = [int(v.version) for v in versions if (v.tags or {}).get(tag) == value]
+    return max(hits) if hits else None
 
 
 def list_versions(name: str, *, tracking_uri: str | None = None, store: str | None = None) -> dict[str, Any]:

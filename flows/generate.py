@@ -52,12 +52,13 @@ def generate_job(
     workers: int,
     store: str | None,
     progress: bool,
+    tracking_uri: str | None = None,
 ) -> dict[str, Any]:
     from charlm import checkpoint
     from charlm.genjob import local_executor, run_job
     from charlm.tracking import load_checkpoint_ref
 
-    ck, label = load_checkpoint_ref(model, store=store)
+    ck, label = load_checkpoint_ref(model, tracking_uri=tracking_uri, store=store)
     cfg = GenerateConfig.from_dict(config)
     executor = local_executor
     if workers > 1:
@@ -87,6 +88,7 @@ def generate(
     workers: int = 1,
     store: str | None = None,
     progress: bool = False,
+    tracking_uri: str | None = None,
 ) -> dict[str, Any]:
     """Generate config.num_samples samples per prompt with `model` (models:/NAME@ALIAS,
     models:/NAME/VERSION, a checkpoint path/URL or a run folder) into `out` (default
@@ -95,7 +97,7 @@ def generate(
 
     cfg = GenerateConfig.from_dict(config or {})
     out = out or default_out(model, prompts, cfg.to_dict(), store)
-    manifest = generate_job(model, prompts, out, cfg.to_dict(), workers, store, progress)
+    manifest = generate_job(model, prompts, out, cfg.to_dict(), workers, store, progress, tracking_uri)
     create_markdown_artifact(
         key="generation-summary",
         markdown=summary_markdown(manifest, read_records(out)),
