@@ -204,36 +204,15 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
 
 
 def train_config_from_args(a: argparse.Namespace):
+    """The TrainConfig of the parsed flags: every flag named like a config field sets it."""
+    import dataclasses
+
     from charlm.config import TrainConfig
 
-    limits = (a.max_steps, a.max_epochs, a.time_budget)
-    return TrainConfig(
-        cell=a.cell,
-        num_layers=a.num_layers,
-        hidden_size=a.hidden_size,
-        embed_size=a.embed_size,
-        dropout=a.dropout,
-        seq_len=a.seq_len,
-        batch_size=a.batch_size,
-        val_frac=a.val_frac,
-        test_frac=a.test_frac,
-        auto_shrink=a.auto_shrink,
-        optimizer=a.optimizer,
-        lr=a.lr,
-        weight_decay=a.weight_decay,
-        schedule=a.schedule,
-        warmup_steps=a.warmup_steps,
-        min_lr_frac=a.min_lr_frac,
-        lr_decay=a.lr_decay,
-        lr_decay_after=a.lr_decay_after,
-        grad_clip=a.grad_clip,
-        max_steps=a.max_steps,
-        max_epochs=a.max_epochs if any(x is not None for x in limits) else 10,
-        time_budget=a.time_budget,
-        eval_every=a.eval_every,
-        precision=a.precision,
-        seed=a.seed,
-    )
+    given = {f.name: getattr(a, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(a, f.name)}
+    if all(given.get(k) is None for k in ("max_steps", "max_epochs", "time_budget")):
+        given["max_epochs"] = 10  # the documented default run length
+    return TrainConfig.from_dict(given)
 
 
 def run_local_training(
