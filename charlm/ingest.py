@@ -40,6 +40,7 @@ This module does not import Prefect; flows/ingest.py wires these functions into 
 
 from __future__ import annotations
 
+import atexit
 import codecs
 import contextlib
 import functools
@@ -48,7 +49,12 @@ import io
 import json
 import logging
 import os
+import pickle
 import queue
+import secrets
+import struct
+import subprocess
+import sys
 import threading
 import time
 import unicodedata
@@ -96,11 +102,14 @@ class IngestError(ValueError):
 
 class InvalidUTF8Error(IngestError):
     def __init__(self, url: str, offset: int, bad: bytes, hint: str = "") -> None:
-        self.url, self.offset = url, offset
+        self.url, self.offset, self.bad, self.hint = url, offset, bad, hint
         super().__init__(
             f"{url}: invalid UTF-8 at byte offset {offset} (bytes {bad.hex(' ')}){hint}; "
             "fix the object or ingest with --invalid replace"
         )
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable across worker processes
+        return (type(self), (self.url, self.offset, self.bad, self.hint))
 
 
 class BinaryObjectError(IngestError):
@@ -534,6 +543,162 @@ class _Ordered:
         self._ex.shutdown(wait=True)
 
 
+# -- processes ----------------------------------------------------------------------------------------
+# A scan or an encode is CPU-bound under the GIL, so beyond one core the work is spread over
+# worker processes, object by object (an object is never split). Workers are fresh interpreters
+# (`python -c ...`, not fork: s3fs and the caller's threads are not fork-safe; not
+# multiprocessing's spawn either, which re-runs the caller's main script), kept for the life of
+# the process, and used only for corpora large enough to repay their start-up (~0.3 s).
+PARALLEL_MIN_BYTES = 48 << 20
+_in_worker = False
+_pool: _WorkerPool | None = None
+
+
+def processes() -> int:
+    """Worker processes for ingestion: $CHARLM_INGEST_PROCESSES, else the usable CPUs (max 4)."""
+    env = os.environ.get("CHARLM_INGEST_PROCESSES")
+    if env:
+        return max(1, int(env))
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        n = os.cpu_count() or 1
+    return min(n, 4)
+
+
+def _parallelism(total_bytes: int, n_objects: int) -> int:
+    if _in_worker or n_objects < 2 or total_bytes < PARALLEL_MIN_BYTES:
+        return 1
+    return min(processes(), n_objects)
+
+
+def _send(f: Any, obj: Any) -> None:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    f.write(struct.pack("<Q", len(data)))
+    f.write(data)
+    f.flush()
+
+
+def _recv(f: Any) -> Any:
+    head = f.read(8)
+    if len(head) < 8:
+        raise EOFError
+    (n,) = struct.unpack("<Q", head)
+    return pickle.loads(f.read(n))
+
+
+def _serve() -> None:
+    """A worker's loop: (function name, args) in on stdin, (ok, result or exception) out."""
+    global _in_worker
+    _in_worker = True
+    tune_malloc()
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # stray prints go to stderr, not into the protocol
+    inp = sys.stdin.buffer
+    while True:
+        try:
+            name, args = _recv(inp)
+        except EOFError:
+            return
+        try:
+            reply: tuple[bool, Any] = (True, globals()[name](*args))
+        except BaseException as e:
+            try:
+                pickle.dumps(e)
+                reply = (False, e)
+            except Exception:
+                reply = (False, IngestError(f"{type(e).__name__}: {e}"))
+        _send(out, reply)
+
+
+class _WorkerPool:
+    """n worker interpreters; submit(name, *args) runs charlm.ingest.<name>(*args) in one."""
+
+    def __init__(self, n: int) -> None:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        cmd = [sys.executable, "-c", "from charlm.ingest import _serve; _serve()"]
+        self.n = n
+        self.key = _pool_key(n)
+        self.broken = False
+        self._procs = [
+            subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env) for _ in range(n)
+        ]
+        self._idle: queue.Queue[subprocess.Popen[bytes]] = queue.Queue()
+        for p in self._procs:
+            self._idle.put(p)
+        self._dispatch = ThreadPoolExecutor(n, thread_name_prefix="charlm-ingest-dispatch")
+
+    def _call(self, name: str, args: tuple[Any, ...]) -> Any:
+        p = self._idle.get()
+        try:
+            _send(p.stdin, (name, args))
+            ok, value = _recv(p.stdout)
+        except (OSError, EOFError, pickle.UnpicklingError) as e:
+            self.broken = True
+            raise IngestError(f"an ingest worker process died ({type(e).__name__}: {e})") from None
+        self._idle.put(p)
+        if not ok:
+            raise value
+        return value
+
+    def submit(self, name: str, *args: Any) -> Future[Any]:
+        return self._dispatch.submit(self._call, name, args)
+
+    def close(self) -> None:
+        self._dispatch.shutdown(wait=False, cancel_futures=True)
+        for p in self._procs:
+            with contextlib.suppress(Exception):
+                p.stdin.close()  # the worker exits at end of input
+        for p in self._procs:
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def _pool_key(n: int) -> tuple[Any, ...]:
+    # workers get the environment when they start: a changed endpoint or credential needs new ones
+    env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(("AWS_", "CHARLM_", "FSSPEC_"))))
+    return (os.getpid(), n, env)
+
+
+_pool_lock = threading.Lock()
+
+
+def _workers(n: int) -> _WorkerPool:
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool.broken or _pool.key != _pool_key(n):
+            if _pool is not None and _pool.key[0] == os.getpid():
+                _pool.close()
+            _pool = _WorkerPool(n)
+            atexit.register(_pool.close)
+        return _pool
+
+
+def _gather(futures: list[Future[Any]]) -> list[Any]:
+    """Results in order; on the first error the calls not yet started are cancelled."""
+    try:
+        return [f.result() for f in futures]
+    except BaseException:
+        for f in futures:
+            f.cancel()
+        raise
+
+
+def _groups(items: Sequence[Any], sizes: Sequence[int], n_groups: int) -> list[list[int]]:
+    """Indices of items cut into at most n_groups contiguous runs of about equal total size."""
+    total = sum(sizes) or 1
+    groups: list[list[int]] = [[]]
+    acc = 0
+    for i, size in enumerate(sizes):
+        if groups[-1] and acc >= total * len(groups) / n_groups:
+            groups.append([])
+        groups[-1].append(i)
+        acc += size
+    return groups
+
+
 # -- pass 1: scan -------------------------------------------------------------------------------------
 class CharCounter:
     """Character counts from UTF-8 text: ASCII via a byte histogram, the rest via code points."""
@@ -577,9 +742,18 @@ class CharCounter:
 def scan_objects(
     objects: Sequence[ObjectInfo | dict], policies: Policies, chunk_size: int = CHUNK_SIZE
 ) -> list[dict[str, Any]]:
-    """Pass 1 for a batch of objects (small ones fetched concurrently)."""
+    """Pass 1 for a batch of objects (small ones fetched concurrently; large batches spread over
+    worker processes, see processes())."""
     tune_malloc()
     infos = [o if isinstance(o, ObjectInfo) else ObjectInfo.from_dict(o) for o in objects]
+    n = _parallelism(sum(o.size for o in infos), len(infos))
+    if n > 1:
+        groups = _groups(infos, [o.size for o in infos], 4 * n)
+        pool = _workers(n)
+        futures = [
+            pool.submit("scan_objects", [infos[i].to_dict() for i in g], policies, chunk_size) for g in groups
+        ]
+        return [scan for part in _gather(futures) for scan in part]
     with _Ordered() as hashing:
         return [scan_object(o, policies, chunk_size, data, hashing) for o, data in _object_data(infos)]
 
@@ -913,9 +1087,30 @@ def publish(
     t0 = time.perf_counter()
     storage.makedirs(folder)
     storage.write_text_atomic(storage.join(folder, "vocab.json"), vocab.to_json())
+    nonempty = [s for s in scans if s["chars"]]
+    n_proc = _parallelism(sum(s["size"] for s in nonempty), len(nonempty))
+    if n_proc > 1 and storage.local_path(folder) is not None:
+        _encode_parallel(nonempty, policies, vocab, folder, sizes, chunk_size, n_proc)
+    else:
+        _encode_sequential(nonempty, policies, vocab, folder, sizes, chunk_size)
+    seconds = time.perf_counter() - t0
+    manifest = _manifest(did, name, policies, requested, scans, vocab, sizes)
+    storage.write_text_atomic(storage.join(folder, "manifest.json"), json.dumps(manifest, indent=1))
+    log.info("published dataset %s (%d chars, vocab %d) in %.1fs", did, n, len(vocab), seconds)
+    return result_of(manifest, folder, reused=False, warnings=warnings)
+
+
+def _encode_sequential(
+    nonempty: Sequence[dict[str, Any]],
+    policies: Policies,
+    vocab: Vocab,
+    folder: str,
+    sizes: dict[str, int],
+    chunk_size: int,
+) -> None:
+    """Pass 2 in this process, written as a stream (any store)."""
     encoder = _Encoder(vocab)
     writer = _SplitWriter(folder, sizes, vocab.dtype)
-    nonempty = [s for s in scans if s["chars"]]
     try:
         with _Ordered() as hashing, _Ordered() as writing:
 
@@ -930,8 +1125,119 @@ def publish(
     except BaseException as e:
         writer.abort(e)
         raise
-    seconds = time.perf_counter() - t0
-    manifest = {
+
+
+def _split_layout(sizes: dict[str, int], dtype: np.dtype) -> list[tuple[str, int, int, int]]:
+    """(split, first global id index, number of ids, header bytes) for each split, in order."""
+    out, start = [], 0
+    for k in SPLITS:
+        out.append((k, start, sizes[k], len(npy_header(dtype, sizes[k]))))
+        start += sizes[k]
+    return out
+
+
+def _encode_group(
+    group: list[dict[str, Any]],
+    start: int,
+    policies: Policies,
+    vocab_dict: dict[str, Any],
+    paths: dict[str, str],
+    layout: list[tuple[str, int, int, int]],
+    chunk_size: int,
+) -> int:
+    """In a worker: encode consecutive objects whose ids begin at global index `start`, writing
+    them in place (pwrite) into the preallocated split files. Returns the ids written."""
+    vocab = Vocab.from_dict(vocab_dict)
+    encoder = _Encoder(vocab)
+    item = vocab.dtype.itemsize
+    fds = {k: os.open(p, os.O_WRONLY) for k, p in paths.items()}
+    pos = start
+
+    def write(ids: np.ndarray) -> None:
+        nonlocal pos
+        data = memoryview(np.ascontiguousarray(ids)).cast("B")
+        end = pos + len(ids)
+        for k, first, n, header in layout:
+            lo, hi = max(pos, first), min(end, first + n)
+            if lo < hi:
+                os.pwrite(fds[k], data[(lo - pos) * item : (hi - pos) * item], header + (lo - first) * item)
+        pos = end
+
+    try:
+        with _Ordered() as hashing:
+            infos = [ObjectInfo.from_dict(s) for s in group]
+            for s, (_, data) in zip(group, _object_data(infos), strict=True):
+                encode_object(s, policies, encoder, write, hashing, chunk_size, data)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return pos - start
+
+
+def _encode_parallel(
+    nonempty: Sequence[dict[str, Any]],
+    policies: Policies,
+    vocab: Vocab,
+    folder: str,
+    sizes: dict[str, int],
+    chunk_size: int,
+    n_proc: int,
+) -> None:
+    """Pass 2 over worker processes, for a local store: every object's ids have a known place
+    (prefix sums of the scanned character counts), so workers write them in place into
+    preallocated temp files, which are renamed into place once all are complete."""
+    base = storage.local_path(folder)
+    assert base is not None
+    layout = _split_layout(sizes, vocab.dtype)
+    tmp = {k: os.path.join(base, f".{k}.npy.tmp-{os.getpid()}-{secrets.token_hex(4)}") for k in SPLITS}
+    try:
+        for k, _, n, header in layout:
+            with open(tmp[k], "wb") as f:
+                f.write(npy_header(vocab.dtype, n))
+                f.truncate(header + n * vocab.dtype.itemsize)
+        starts = np.concatenate([[0], np.cumsum([s["chars"] for s in nonempty])]).tolist()
+        groups = _groups(nonempty, [s["size"] for s in nonempty], 4 * n_proc)
+        pool = _workers(n_proc)
+        futures = [
+            pool.submit(
+                "_encode_group",
+                [nonempty[i] for i in g],
+                starts[g[0]],
+                policies,
+                vocab.to_dict(),
+                tmp,
+                layout,
+                chunk_size,
+            )
+            for g in groups
+        ]
+        written = sum(_gather(futures))
+        if written != sum(sizes.values()):
+            raise SourceChangedError(f"{folder}: {written} ids encoded, {sum(sizes.values())} scanned")
+        for k in SPLITS:
+            fd = os.open(tmp[k], os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp[k], os.path.join(base, f"{k}.npy"))
+    finally:
+        for p in tmp.values():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p)
+
+
+def _manifest(
+    did: str,
+    name: str | None,
+    policies: Policies,
+    requested: Sequence[str],
+    scans: Sequence[dict[str, Any]],
+    vocab: Vocab,
+    sizes: dict[str, int],
+) -> dict[str, Any]:
+    n = sum(s["chars"] for s in scans)
+    return {
         "format": FORMAT,
         "id": did,
         "fingerprint": did,
@@ -967,9 +1273,6 @@ def publish(
         "vocab": {"file": "vocab.json", "size": len(vocab), "dtype": vocab.dtype.name},
         "splits": {k: {"file": f"{k}.npy", "n": sizes[k]} for k in SPLITS},
     }
-    storage.write_text_atomic(storage.join(folder, "manifest.json"), json.dumps(manifest, indent=1))
-    log.info("published dataset %s (%d chars, vocab %d) in %.1fs", did, n, len(vocab), seconds)
-    return result_of(manifest, folder, reused=False, warnings=warnings)
 
 
 def result_of(

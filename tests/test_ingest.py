@@ -469,3 +469,35 @@ def test_encoder_paths_agree_with_vocab(n_wide: int) -> None:
     if enc.bytewise:  # leads that do not match the text (the digest check catches the rest)
         with pytest.raises(SourceChangedError):
             enc.encode("x😀".encode(), "😀", np.array([0, 1]))
+
+
+@pytest.mark.slow
+def test_worker_processes_give_the_same_dataset(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    files = {f"p{i}.txt": (f"object {i}: naïve café — 😀\r\n" * (200 + 37 * i)).encode() for i in range(7)}
+    files["empty.txt"] = b""
+    src = write_files(tmp_path / "corpus", files)
+    one = ingest.ingest(src, str(tmp_path / "s1"))
+    monkeypatch.setattr(ingest, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setenv("CHARLM_INGEST_PROCESSES", "2")
+    assert ingest._parallelism(1, 2) == 2
+    two = ingest.ingest(src, str(tmp_path / "s2"), chunk_size=1000)
+    assert two["id"] == one["id"] and two["counts"] == one["counts"]
+    a, b = (
+        datasets.open_dataset(one["id"], str(tmp_path / "s1")),
+        datasets.open_dataset(two["id"], str(tmp_path / "s2")),
+    )
+    for k in ("train", "val", "test"):
+        np.testing.assert_array_equal(a.splits[k], b.splits[k])
+    assert a.vocab == b.vocab
+    # errors from workers arrive whole, and nothing is published
+    write_files(src, {"p3.txt": b"bad \xff byte\n" * 300})
+    with pytest.raises(InvalidUTF8Error, match=r"p3\.txt: invalid UTF-8 at byte offset 4 "):
+        ingest.ingest(src, str(tmp_path / "s3"))
+    write_files(src, {"p3.txt": files["p3.txt"]})
+    p = Policies()
+    scans = ingest.scan_objects(ingest.list_sources([src]), p, 1000)
+    write_files(src, {"p5.txt": files["p5.txt"].replace(b"object", b"OBJECT")})
+    with pytest.raises(SourceChangedError, match=r"p5\.txt: object changed"):
+        ingest.publish(scans, p, str(tmp_path / "s4"))
+    folder = tmp_path / "s4" / "datasets" / ingest.dataset_id(p, scans)
+    assert sorted(os.listdir(folder)) == ["vocab.json"]  # no manifest, no split, no temp file

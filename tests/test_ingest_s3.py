@@ -131,3 +131,17 @@ def test_store_on_s3(s3_bucket: str, put_objects, tmp_path) -> None:
     assert ds is not None and splits_text(ds) == "hello s3 store\n" * 10
     assert [d["id"] for d in datasets.list_datasets(store)] == [r["id"]]
     assert ingest.ingest(str(tmp_path / "c"), store)["reused"]
+
+
+@pytest.mark.slow
+def test_worker_processes_read_s3(s3_bucket: str, put_objects, tmp_store: str, monkeypatch) -> None:
+    files = {f"p{i}.txt": (f"part {i} — ü\n" * (3000 + i)).encode() for i in range(4)}
+    put_objects(s3_bucket + "/c", files)
+    one = ingest.ingest(s3_bucket + "/c", tmp_store)
+    monkeypatch.setattr(ingest, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(ingest, "SMALL_OBJECT", 0)
+    monkeypatch.setenv("CHARLM_INGEST_PROCESSES", "2")
+    p = Policies()
+    scans = ingest.scan_objects(ingest.list_sources([s3_bucket + "/c"]), p)  # in 2 worker processes
+    assert ingest.dataset_id(p, scans) == one["id"]
+    assert [s["url"] for s in scans] == [f"{s3_bucket}/c/p{i}.txt" for i in range(4)]
