@@ -612,7 +612,7 @@ def _serve() -> None:
 
 
 class _WorkerPool:
-    """n worker interpreters; submit(name, *args) runs charlm.ingest.<name>(*args) in one."""
+    """n worker interpreters; call(i, name, args) runs charlm.ingest.<name>(*args) in worker i."""
 
     def __init__(self, n: int) -> None:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
@@ -623,29 +623,20 @@ class _WorkerPool:
         self._procs = [
             subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env) for _ in range(n)
         ]
-        self._idle: queue.Queue[subprocess.Popen[bytes]] = queue.Queue()
-        for p in self._procs:
-            self._idle.put(p)
-        self._dispatch = ThreadPoolExecutor(n, thread_name_prefix="charlm-ingest-dispatch")
 
-    def _call(self, name: str, args: tuple[Any, ...]) -> Any:
-        p = self._idle.get()
+    def call(self, i: int, name: str, args: tuple[Any, ...]) -> Any:
+        p = self._procs[i]
         try:
             _send(p.stdin, (name, args))
             ok, value = _recv(p.stdout)
         except (OSError, EOFError, pickle.UnpicklingError) as e:
             self.broken = True
             raise IngestError(f"an ingest worker process died ({type(e).__name__}: {e})") from None
-        self._idle.put(p)
         if not ok:
             raise value
         return value
 
-    def submit(self, name: str, *args: Any) -> Future[Any]:
-        return self._dispatch.submit(self._call, name, args)
-
     def close(self) -> None:
-        self._dispatch.shutdown(wait=False, cancel_futures=True)
         for p in self._procs:
             with contextlib.suppress(Exception):
                 p.stdin.close()  # the worker exits at end of input
@@ -666,6 +657,7 @@ _pool_lock = threading.Lock()
 
 
 def _workers(n: int) -> _WorkerPool:
+    """The process's pool of n workers (made on first use, renewed if the environment changed)."""
     global _pool
     with _pool_lock:
         if _pool is None or _pool.broken or _pool.key != _pool_key(n):
@@ -676,14 +668,41 @@ def _workers(n: int) -> _WorkerPool:
         return _pool
 
 
-def _gather(futures: list[Future[Any]]) -> list[Any]:
-    """Results in order; on the first error the calls not yet started are cancelled."""
+def _run_groups(name: str, calls: list[tuple[Any, ...]], n: int) -> list[Any]:
+    """globals()[name](*args) for every args in calls, over n participants: this process and
+    n - 1 workers, each taking the next call when done (so this process works while workers
+    start). Results in order; the first error (in call order) is raised once all have stopped."""
+    fn = globals()[name]
+    pool = _workers(n - 1)
+    results: list[Any] = [None] * len(calls)
+    errors: dict[int, BaseException] = {}
+    lock = threading.Lock()
+    next_call = iter(range(len(calls)))
+
+    def take() -> int | None:
+        with lock:
+            return None if errors else next(next_call, None)
+
+    def run(worker: int | None) -> None:
+        while (i := take()) is not None:
+            try:
+                results[i] = fn(*calls[i]) if worker is None else pool.call(worker, name, calls[i])
+            except BaseException as e:
+                with lock:
+                    errors[i] = e
+                return
+
+    threads = [threading.Thread(target=run, args=(w,), daemon=True) for w in range(n - 1)]
+    for t in threads:
+        t.start()
     try:
-        return [f.result() for f in futures]
-    except BaseException:
-        for f in futures:
-            f.cancel()
-        raise
+        run(None)
+    finally:
+        for t in threads:
+            t.join()
+    if errors:
+        raise errors[min(errors)]
+    return results
 
 
 def _groups(items: Sequence[Any], sizes: Sequence[int], n_groups: int) -> list[list[int]]:
@@ -749,11 +768,15 @@ def scan_objects(
     n = _parallelism(sum(o.size for o in infos), len(infos))
     if n > 1:
         groups = _groups(infos, [o.size for o in infos], 4 * n)
-        pool = _workers(n)
-        futures = [
-            pool.submit("scan_objects", [infos[i].to_dict() for i in g], policies, chunk_size) for g in groups
-        ]
-        return [scan for part in _gather(futures) for scan in part]
+        calls = [([infos[i].to_dict() for i in g], policies, chunk_size) for g in groups]
+        return [scan for part in _run_groups("_scan_sequential", calls, n) for scan in part]
+    return _scan_sequential(infos, policies, chunk_size)
+
+
+def _scan_sequential(
+    objects: Sequence[ObjectInfo | dict], policies: Policies, chunk_size: int
+) -> list[dict[str, Any]]:
+    infos = [o if isinstance(o, ObjectInfo) else ObjectInfo.from_dict(o) for o in objects]
     with _Ordered() as hashing:
         return [scan_object(o, policies, chunk_size, data, hashing) for o, data in _object_data(infos)]
 
@@ -1197,21 +1220,11 @@ def _encode_parallel(
                 f.truncate(header + n * vocab.dtype.itemsize)
         starts = np.concatenate([[0], np.cumsum([s["chars"] for s in nonempty])]).tolist()
         groups = _groups(nonempty, [s["size"] for s in nonempty], 4 * n_proc)
-        pool = _workers(n_proc)
-        futures = [
-            pool.submit(
-                "_encode_group",
-                [nonempty[i] for i in g],
-                starts[g[0]],
-                policies,
-                vocab.to_dict(),
-                tmp,
-                layout,
-                chunk_size,
-            )
+        calls = [
+            ([nonempty[i] for i in g], starts[g[0]], policies, vocab.to_dict(), tmp, layout, chunk_size)
             for g in groups
         ]
-        written = sum(_gather(futures))
+        written = sum(_run_groups("_encode_group", calls, n_proc))
         if written != sum(sizes.values()):
             raise SourceChangedError(f"{folder}: {written} ids encoded, {sum(sizes.values())} scanned")
         for k in SPLITS:
