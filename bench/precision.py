@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from charlm.cli import load_training_data
 from charlm.config import TrainConfig
 from charlm.train import Callback, train
+from charlm.trainingdata import load_training_data
 
 
 class Evals(Callback):
@@ -35,9 +35,13 @@ def main() -> None:
     for precision in ("fp32", "bf16"):
         cfg = base.replace(precision=precision)
         ev = Evals()
-        res = train(cfg, vocab, splits, callbacks=[ev], device="cpu", corpus_fingerprint=fp, corpus_name=label)
+        res = train(
+            cfg, vocab, splits, callbacks=[ev], device="cpu", corpus_fingerprint=fp, corpus_name=label
+        )
         out[precision] = {"val_loss": ev.val, "chars_per_s": round(res["chars_per_s"])}
-    diffs = {s: round(out["bf16"]["val_loss"][s] - out["fp32"]["val_loss"][s], 5) for s in out["fp32"]["val_loss"]}
+    diffs = {
+        s: round(out["bf16"]["val_loss"][s] - out["fp32"]["val_loss"][s], 5) for s in out["fp32"]["val_loss"]
+    }
     print(
         json.dumps(
             {

@@ -84,7 +84,7 @@ def config(args, batch: int, steps: int) -> TrainConfig:
 
 
 def plain(args, corpus: str) -> float:
-    from charlm.cli import load_training_data
+    from charlm.trainingdata import load_training_data
 
     cfg = config(args, args.global_batch, args.warmup + args.steps)
     vocab, splits, fp, label = load_training_data(corpus, cfg.val_frac, cfg.test_frac)

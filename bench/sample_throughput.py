@@ -67,7 +67,12 @@ def main() -> None:
         json.dumps(
             {
                 "bench": "sample_throughput",
-                "config": {"hidden_size": args.hidden_size, "num_layers": args.num_layers, "length": args.length, "rounds": args.rounds},
+                "config": {
+                    "hidden_size": args.hidden_size,
+                    "num_layers": args.num_layers,
+                    "length": args.length,
+                    "rounds": args.rounds,
+                },
                 "charlm_precision": samplers[1].precision,
                 "threads": torch.get_num_threads(),
                 "chars_per_s": {k: round(v) for k, v in med.items()},

@@ -122,12 +122,27 @@ def main() -> None:
         runs["plain_bf16"].append(plain_loop(args, data, bf16=True))
         runs["charlm_auto"].append(charlm_loop(args, data, "auto"))
     med = {k: statistics.median(v) for k, v in runs.items()}
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), platform.processor())
+    with open("/proc/cpuinfo") as f:
+        cpu = next(
+            (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), platform.processor()
+        )
     print(
         json.dumps(
             {
                 "bench": "train_throughput",
-                "config": {k: getattr(args, k) for k in ("hidden_size", "num_layers", "embed_size", "dropout", "batch_size", "seq_len", "steps", "rounds")},
+                "config": {
+                    k: getattr(args, k)
+                    for k in (
+                        "hidden_size",
+                        "num_layers",
+                        "embed_size",
+                        "dropout",
+                        "batch_size",
+                        "seq_len",
+                        "steps",
+                        "rounds",
+                    )
+                },
                 "cpu": cpu,
                 "threads": torch.get_num_threads(),
                 "auto_precision": auto,

@@ -4,7 +4,6 @@ one JSON object on stdout at the end. Errors are one line on stderr and a non-ze
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -28,32 +27,6 @@ def _emit_json(obj: dict[str, Any]) -> None:
 
 def default_store() -> str:
     return os.environ.get("CHARLM_STORE") or str(Path.home() / ".charlm" / "store")
-
-
-def load_training_data(corpus: str, val_frac: float, test_frac: float, store: str | None = None):
-    """(vocab, splits, fingerprint, label) for a builtin corpus, local file/folder or dataset."""
-    import numpy as np
-
-    from charlm.corpus import DEFAULT_CORPUS, default_corpus_text, read_local_corpus
-    from charlm.data import split_ids
-    from charlm.vocab import Vocab
-
-    if corpus != DEFAULT_CORPUS and not Path(corpus).exists():
-        try:
-            from charlm.datasets import open_dataset
-        except ImportError:  # storage extras not installed
-            open_dataset = None
-        ds = open_dataset(corpus, store) if open_dataset else None
-        if ds is None:
-            raise CLIError(f"{corpus}: not a file, folder, dataset id or dataset URL")
-        return ds.vocab, ds.splits, ds.fingerprint, f"dataset {ds.id}"
-    text = default_corpus_text() if corpus == DEFAULT_CORPUS else read_local_corpus(corpus)
-    vocab = Vocab.from_text(text)
-    ids = vocab.encode(text, where=corpus)
-    h = hashlib.sha256(vocab.to_json().encode())
-    h.update(np.ascontiguousarray(ids).tobytes())
-    h.update(f"{val_frac}/{test_frac}".encode())
-    return vocab, split_ids(ids, val_frac, test_frac), h.hexdigest(), corpus
 
 
 def resolve_model(ref: str, device: str = "cpu", store: str | None = None):
@@ -230,6 +203,7 @@ def run_local_training(
     from charlm import checkpoint
     from charlm.callbacks import CheckpointFiles, MetricsFile, ProgressBar
     from charlm.train import TrainingDiverged, pick_device, train
+    from charlm.trainingdata import load_training_data
 
     vocab, splits, fp, label = load_training_data(corpus, cfg.val_frac, cfg.test_frac, store)
     last = out / "last.pt"

@@ -211,7 +211,7 @@ def resolve_data(data_ref: str, cfg: TrainConfig, store: str | None = None) -> t
             None,
         )
     # A raw corpus (file, folder, builtin): encoded once here with the same rules as `charlm train`.
-    from charlm.cli import load_training_data
+    from charlm.trainingdata import load_training_data
 
     vocab, splits, fp, label = load_training_data(data_ref, cfg.val_frac, cfg.test_frac, store)
     spec = DataSpec("inline", None, fp, fp, label, len(vocab))

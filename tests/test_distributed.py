@@ -424,8 +424,8 @@ def test_one_worker_gives_the_same_model_as_plain_local_training(ray_cluster, tm
 def test_generation_on_two_ray_actors_equals_one_process(ray_cluster, s3_bucket):
     from charlm import checkpoint, storage
     from charlm.config import ModelConfig
-    from charlm.genjob import read_records, run_job
     from charlm.generate import GenerateConfig
+    from charlm.genjob import read_records, run_job
     from charlm.model import CharLM
     from charlm.vocab import Vocab
 
