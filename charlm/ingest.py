@@ -261,7 +261,7 @@ def nonascii_if_valid(b: bytes) -> tuple[str, np.ndarray | None] | None:
     return rest, leads
 
 
-Piece = tuple[bytes, str, "np.ndarray | None"]
+Piece = tuple[bytes, "str | None", "np.ndarray | None"]
 
 
 class TextStream:
@@ -274,9 +274,12 @@ class TextStream:
     Statistics accumulate on the stream.
     """
 
-    def __init__(self, url: str, policies: Policies) -> None:
+    def __init__(self, url: str, policies: Policies, check: bool = True) -> None:
+        """check=False (the second pass over text the first pass found valid): no validation,
+        and pieces carry nonascii=None; the caller verifies the text by its digest."""
         self.url = url
         self.p = policies
+        self.check = check
         self.offset = 0  # raw bytes fed so far
         self.out_bytes = 0
         self.bom = 0
@@ -342,8 +345,11 @@ class TextStream:
         else:
             b, self._pending = split_incomplete(b)
 
-        valid = nonascii_if_valid(b)
-        if valid is None:
+        rest: str | None
+        if not self.check:
+            rest = None if not b.isascii() else ""
+            leads = None if rest == "" else np.flatnonzero(np.frombuffer(b, dtype=np.uint8) >= 0xC0)
+        elif (valid := nonascii_if_valid(b)) is None:
             b = self._decode_invalid(b, start)
             rest, leads = b.translate(None, _ASCII_BYTES).decode("utf-8"), None
         else:
@@ -352,7 +358,7 @@ class TextStream:
         if self._at_start and b:
             self._at_start = False
             if b.startswith(_BOM):
-                b, rest = b[3:], rest[1:]
+                b, rest = b[3:], rest[1:] if rest is not None else None
                 leads = leads[1:] - 3 if leads is not None else None
                 self.bom = 1
         if self.p.newlines == "lf":
@@ -383,6 +389,8 @@ class TextStream:
             b = text.encode("utf-8")
             rest = "" if text.isascii() else b.translate(None, _ASCII_BYTES).decode("utf-8")
             leads = None
+        elif rest is None and leads is None and not b.isascii():  # bytes moved by the newline policy
+            leads = np.flatnonzero(np.frombuffer(b, dtype=np.uint8) >= 0xC0)
         self.out_bytes += len(b)
         return b, rest, leads
 
@@ -949,21 +957,32 @@ class _Encoder:
             table[0xC0 : 0xC0 + len(wide_cps)] = self.lut[wide_cps]
             self.code_table = table.tobytes()
 
-    def encode(self, utf8: bytes, nonascii: str, leads: np.ndarray | None = None) -> np.ndarray:
+    def encode(self, utf8: bytes, nonascii: str | None, leads: np.ndarray | None = None) -> np.ndarray:
+        """Ids of a piece. nonascii=None: not validated (second pass); the code points are then
+        read from the bytes at the leads, and text that is not what was scanned gives wrong ids
+        (never an error here): the caller's digest check rejects it."""
         if not self.bytewise:
-            text = utf8.decode("utf-8")
+            try:
+                text = utf8.decode("utf-8")
+            except UnicodeDecodeError:
+                raise SourceChangedError("encoded text is not valid UTF-8; a source changed") from None
             if self.wide:
                 return self.lut[np.frombuffer(text.encode("utf-32-le"), dtype="<u4")]
             return self.lut[np.frombuffer(text.encode("utf-16-le"), dtype="<u2")]
-        if not nonascii:
+        if nonascii == "" or (nonascii is None and utf8.isascii()):
             return np.frombuffer(utf8.translate(self.table), dtype=np.uint8)
+        a = np.frombuffer(utf8, dtype=np.uint8)
         if leads is None:
-            leads = np.flatnonzero(np.frombuffer(utf8, dtype=np.uint8) >= 0xC0)
-        units = np.frombuffer(
-            nonascii.encode("utf-32-le" if self.wide else "utf-16-le"), dtype="<u4" if self.wide else "<u2"
-        )
-        if len(units) != len(leads):
-            raise SourceChangedError("encoded text does not match its scan; a source changed")
+            leads = np.flatnonzero(a >= 0xC0)
+        if nonascii is None:
+            units = np.minimum(_code_points_at(a, leads), len(self.lut) - 1)
+        else:
+            units = np.frombuffer(
+                nonascii.encode("utf-32-le" if self.wide else "utf-16-le"),
+                dtype="<u4" if self.wide else "<u2",
+            )
+            if len(units) != len(leads):
+                raise SourceChangedError("encoded text does not match its scan; a source changed")
         if self.coded:
             buf = bytearray(utf8)
             np.frombuffer(buf, dtype=np.uint8)[leads] = self.code[units]
@@ -971,6 +990,17 @@ class _Encoder:
         buf = bytearray(utf8.translate(self.table))
         np.frombuffer(buf, dtype=np.uint8)[leads] = self.lut[units]
         return np.frombuffer(buf.translate(None, bytes([self.MARK])), dtype=np.uint8)
+
+
+def _code_points_at(a: np.ndarray, leads: np.ndarray) -> np.ndarray:
+    """Code points of the UTF-8 sequences starting at leads (vectorised; assumes valid UTF-8)."""
+    last = len(a) - 1
+    b0 = a[leads].astype(np.uint32)
+    c1, c2, c3 = (a[np.minimum(leads + k, last)].astype(np.uint32) & 0x3F for k in (1, 2, 3))
+    two = ((b0 & 0x1F) << 6) | c1
+    three = ((b0 & 0x0F) << 12) | (c1 << 6) | c2
+    four = ((b0 & 0x07) << 18) | (c1 << 12) | (c2 << 6) | c3
+    return np.where(b0 < 0xE0, two, np.where(b0 < 0xF0, three, four))
 
 
 class _SplitWriter:
@@ -1063,7 +1093,8 @@ def encode_object(
     to another one: both release the GIL and each costs about as much as the encoding itself.
     """
     info = ObjectInfo.from_dict(obj)
-    stream = TextStream(info.url, policies)
+    # text the first pass found valid is not validated again: the digest check covers it
+    stream = TextStream(info.url, policies, check=bool(obj.get("replaced")))
     h = hashlib.sha256()
     n = 0
     for utf8, nonascii, leads in _iter_stream(stream, info, chunk_size, data):

@@ -461,11 +461,15 @@ def test_encoder_paths_agree_with_vocab(n_wide: int) -> None:
     vocab = Vocab.from_text(text)
     enc = ingest._Encoder(vocab)
     assert enc.bytewise == (len(vocab) <= 255) and (not enc.bytewise or enc.coded == (n_wide <= 64))
-    ts = TextStream("u", Policies())
-    raw = ("\ufeff" + text).encode()
-    ids = [enc.encode(*ts.feed(raw[i : i + 777])) for i in range(0, len(raw), 777)]
-    ids.append(enc.encode(*ts.finish()))
-    np.testing.assert_array_equal(np.concatenate(ids), vocab.encode(text))
+    raw = ("\ufeff" + text.replace("\n", "\r\n")).encode()
+    for check in (True, False):  # validated pieces (first pass) or not (second pass)
+        ts = TextStream("u", Policies(), check=check)
+        ids = [enc.encode(*ts.feed(raw[i : i + 777])) for i in range(0, len(raw), 777)]
+        ids.append(enc.encode(*ts.finish()))
+        np.testing.assert_array_equal(np.concatenate(ids), vocab.encode(text))
+    if enc.bytewise:  # unvalidated garbage gives some ids, not a crash (the digest check rejects it)
+        junk = b"\xff\xc3" + "😀".encode()[:3] + b"a\xe2"
+        assert len(enc.encode(*TextStream("u", Policies(), check=False).feed(junk, final=True))) > 0
     if enc.bytewise:  # leads that do not match the text (the digest check catches the rest)
         with pytest.raises(SourceChangedError):
             enc.encode("x😀".encode(), "😀", np.array([0, 1]))
