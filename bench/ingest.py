@@ -11,7 +11,8 @@ manifest (both passes: scan and encode), measured inside the child.
 
     .venv/bin/python bench/ingest.py                       # sizes 100 and 300 MB, folder + S3
     .venv/bin/python bench/ingest.py --sizes 50 --no-s3    # quick
-    .venv/bin/python bench/ingest.py --flow                # also through the Prefect flow
+    .venv/bin/python bench/ingest.py --flow                # also the Prefect flow (largest size):
+                                                           # temporary API server, then PREFECT_API_URL
 
 Prints one JSON object. The corpus: mostly English-like prose with curly quotes, dashes and
 accented words (about 1 non-ASCII character per 100), one object in ten multilingual (CJK,
@@ -235,6 +236,33 @@ class MotoProcess:
         self.proc.wait(10)
 
 
+class PrefectServer:
+    def __init__(self, env: dict[str, str]) -> None:
+        import urllib.request
+
+        self.port = _free_port()
+        exe = Path(PY).parent / "prefect"
+        self.proc = subprocess.Popen(
+            [str(exe), "server", "start", "--host", "127.0.0.1", "--port", str(self.port), "--no-ui"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=env,
+        )
+        self.api = f"http://127.0.0.1:{self.port}/api"
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(self.api + "/health", timeout=1).read()
+                return
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError("prefect server did not start")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(20)
+
+
 def upload(folder: Path, bucket_url: str) -> None:
     from charlm import storage
 
@@ -303,7 +331,21 @@ def main() -> None:
                     run_child(["--child", "library", bucket + "/", str(work / f"store-{mb}-s3")], env)
                 )
             if a.flow and mb == max(sizes):
+                # as a laptop runs it (a temporary Prefect server inside the process tree) ...
                 runs.append(run_child(["--child", "flow", str(folder), str(work / f"store-{mb}-flow")], env))
+                runs[-1]["prefect_api"] = "temporary server (in the tree)"
+                # ... and as a team runs it (PREFECT_API_URL: a server outside the tree)
+                server = PrefectServer(env)
+                try:
+                    runs.append(
+                        run_child(
+                            ["--child", "flow", str(folder), str(work / f"store-{mb}-flow2")],
+                            {**env, "PREFECT_API_URL": server.api},
+                        )
+                    )
+                    runs[-1]["prefect_api"] = "PREFECT_API_URL (server outside the tree)"
+                finally:
+                    server.stop()
             results["runs"].append({**info, "ingest": runs})
             print(json.dumps(results["runs"][-1]), file=sys.stderr)
             shutil.rmtree(work / f"store-{mb}-folder", ignore_errors=True)
