@@ -512,6 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from charlm import telemetry
+
+    telemetry.disable()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -49,6 +49,7 @@ def _pipeline(a: argparse.Namespace) -> dict[str, Any]:
         prompts=a.prompts,
         generate_config=gen,
         tracking_uri=a.tracking_uri,
+        progress=not a.json,
     )
     if not a.json:
         _print_pipeline(res, a.name)
@@ -103,6 +104,7 @@ def _demo(a: argparse.Namespace) -> dict[str, Any]:
         store=a.store,
         generate_config={"num_samples": 1, "length": a.length, "temperature": 0.7, "seed": a.seed},
         prompts=prompts,
+        progress=not a.json,
     )
     records = read_records(res["samples"]["out"])
     uri = resolve_tracking_uri(None, a.store)

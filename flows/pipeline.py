@@ -46,6 +46,7 @@ def train_and_register(
     run_name: str,
     tracking_uri: str | None,
     store: str | None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     from charlm import tracking
     from charlm.distributed import train_distributed
@@ -59,6 +60,7 @@ def train_and_register(
             store=store,
             run_name=None,  # derived from the parameters: re-running resumes or returns it
             extra_callbacks=tracked.callback_factory(),
+            quiet=not progress,
             **scaling,
         )
 
@@ -107,8 +109,10 @@ def pipeline(
     prompts: str | None = None,
     generate_config: dict[str, Any] | None = None,
     tracking_uri: str | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
-    """Run the whole chain for model `name`; returns small dicts from every stage."""
+    """Run the whole chain for model `name`; returns small dicts from every stage. progress:
+    training and generation progress bars on stderr (for the CLI)."""
     from charlm.distributed import derive_run_name
     from flows.evaluate import evaluate_and_promote
     from flows.generate import default_out, generate
@@ -131,7 +135,9 @@ def pipeline(
         )
         trained = {"version": version, "skipped": True}
     else:
-        trained = train_and_register(ds["id"], cfg.to_dict(), scaling, name, run_name, tracking_uri, store)
+        trained = train_and_register(
+            ds["id"], cfg.to_dict(), scaling, name, run_name, tracking_uri, store, progress
+        )
         trained["skipped"] = False
     decision = evaluate_and_promote(
         name, trained["version"], alias=alias, margin=margin, tracking_uri=tracking_uri, store=store
@@ -147,7 +153,9 @@ def pipeline(
     samples = (
         {"out": out, "records": done["records"], "reused": True}
         if done is not None
-        else generate(model, prompts, out, gcfg.to_dict(), workers, store, tracking_uri=tracking_uri)
+        else generate(
+            model, prompts, out, gcfg.to_dict(), workers, store, progress=progress, tracking_uri=tracking_uri
+        )
     )
     return {
         "dataset": {"id": ds["id"], "url": ds["url"], "reused": ds.get("reused", False)},
