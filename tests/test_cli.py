@@ -185,3 +185,34 @@ def test_cli_process_exit_code_and_help():
         "--json",
     ):
         assert flag in helptext
+
+
+def test_train_accepts_a_dataset_id_and_name(tmp_path, capsys):
+    from charlm.ingest import Policies, ingest
+
+    src = tmp_path / "corpus"
+    src.mkdir()
+    (src / "a.txt").write_text("It was the best of times, it was the worst of times.\n" * 60)
+    (src / "b.txt").write_text("It was the age of wisdom, it was the age of foolishness.\n" * 60)
+    store = str(tmp_path / "store")
+    ds = ingest([str(src)], store, Policies(val_frac=0.1, test_frac=0.1), name="dickens")
+    for i, ref in enumerate((ds["id"], ds["id"][:10], "dickens")):
+        out = tmp_path / f"run-{i}"
+        args = [
+            "train",
+            ref,
+            "--store",
+            store,
+            "--out",
+            str(out),
+            "--max-steps",
+            "3",
+            *TINY,
+            "--no-track",
+            "--json",
+        ]
+        assert main(args) == 0
+        summary = _json(capsys)
+        assert summary["corpus"] == f"dataset {ds['id']}" and summary["corpus_fingerprint"] == ds["id"]
+    assert main(["train", "0123456789ab", "--store", store, "--out", str(tmp_path / "x"), "--json"]) == 1
+    assert "0123456789ab" in capsys.readouterr().err
