@@ -188,6 +188,14 @@ def train_config_from_args(a: argparse.Namespace):
     return TrainConfig.from_dict(given)
 
 
+def refuse_existing_run(out: Path, resume: bool) -> None:
+    """A local out folder that already holds a run is continued only with --resume."""
+    if (out / "last.pt").exists() and not resume:
+        raise CLIError(
+            f"{out}: already holds a training run (last.pt); pass --resume to continue it or choose another --out"
+        )
+
+
 def run_local_training(
     cfg,
     corpus: str,
@@ -205,15 +213,10 @@ def run_local_training(
     from charlm.train import TrainingDiverged, pick_device, train
     from charlm.trainingdata import load_training_data
 
+    refuse_existing_run(out, resume)  # before any work: the corpus may be large
     vocab, splits, fp, label = load_training_data(corpus, cfg.val_frac, cfg.test_frac, store)
     last = out / "last.pt"
-    start = None
-    if resume and last.is_file():
-        start = checkpoint.load(last)
-    elif last.exists() and not resume:
-        raise CLIError(
-            f"{out}: already holds a training run (last.pt); pass --resume to continue it or choose another --out"
-        )
+    start = checkpoint.load(last) if resume and last.is_file() else None
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps({"corpus": corpus, "train_config": cfg.to_dict()}, indent=2))
     callbacks = [MetricsFile(out), CheckpointFiles(out), *(extra_callbacks or [])]
@@ -252,10 +255,8 @@ def cmd_train(a: argparse.Namespace) -> dict:
     distributed = a.workers is not None or a.out is None
     if distributed and a.out is not None:
         raise CLIError("--out is for a local run; with --workers the run lives in <store>/runs/<run name>")
-    if not distributed and a.out is not None and (Path(a.out) / "last.pt").exists() and not a.resume:
-        raise CLIError(
-            f"{a.out}: already holds a training run (last.pt); pass --resume to continue it or choose another --out"
-        )
+    if not distributed:  # checked before MLflow opens a run that would only end FAILED
+        refuse_existing_run(Path(a.out), a.resume)
 
     if distributed:
         from charlm.distributed import train_distributed

@@ -125,6 +125,7 @@ def generate_records(
     out: dict[int, dict] = {}
     params = cfg.sampling_params()
     ok: list[Record] = []
+    unknown: dict[int, dict[str, int]] = {}  # per prompt, not per sample
     for r in records:
         base = {
             "record": r.record,
@@ -135,7 +136,9 @@ def generate_records(
         if r.prompt.id is not None:
             base["id"] = r.prompt.id
         base |= {"model": model_label, "params": params, "seed": cfg.seed, "stream": r.record}
-        bad = sampler.vocab.unknown(r.prompt.text)
+        if r.prompt.index not in unknown:
+            unknown[r.prompt.index] = sampler.vocab.unknown(r.prompt.text)
+        bad = unknown[r.prompt.index]
         if bad:
             msg = str(UnknownCharactersError(bad, f"prompt {r.prompt.index + 1}"))
             out[r.record] = {**base, "sample": None, "error": msg}

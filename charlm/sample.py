@@ -204,8 +204,6 @@ class Sampler:
             return [""] * n
         if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
             raise ValueError("need temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
-        for i, p in enumerate(prompts):
-            self.vocab.encode(p, where=f"prime text {i + 1}" if n > 1 else "prime text")
         if n > (self._built_for or 0):
             self._build(n)
         dev = self.device
@@ -214,7 +212,12 @@ class Sampler:
         )
         keys = _mix32((_mix32(ids & _M32) ^ (seed & _M32)) + ((seed >> 32) & _M32) & _M32)
         # Empty prompts start from one character drawn from the unigram distribution (step -1).
-        encoded = [torch.from_numpy(self.vocab.encode(p).astype("int64")) for p in prompts]
+        encoded = [
+            torch.from_numpy(
+                self.vocab.encode(p, where=f"prime text {i + 1}" if n > 1 else "prime text").astype("int64")
+            )
+            for i, p in enumerate(prompts)
+        ]
         empty = torch.tensor([len(e) == 0 for e in encoded], device=dev)
         if bool(empty.any()):
             first = (self._unigram[None, :] + self._noise(keys, torch.full((n,), -1, device=dev))).argmax(1)
