@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -13,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from mlflow_fixtures import corpus_text, tiny_config, unique
+from mlflow_fixtures import _free_port, corpus_text, tiny_config, unique
 
 pytest_plugins = ["mlflow_fixtures"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,12 +111,6 @@ def test_pipeline_end_to_end_retrain_and_skip(
     assert d["promoted"] is better
     champion = tracking.alias_version(name, "champion", tracking_uri=mlflow_server.uri)
     assert int(champion) == (2 if better else 1)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
