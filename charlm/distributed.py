@@ -31,6 +31,7 @@ with RAY_ADDRESS set, the same code joins that cluster.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import logging
 import math
@@ -59,6 +60,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 # Settings measured to halve a fit's start-up on a small machine (docs/distributed.md); the
 # caller's environment wins. Telemetry off.
+LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 RAY_ENV_DEFAULTS = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
@@ -98,10 +100,17 @@ def ensure_ray(num_cpus: int | None = None) -> str:
     """Start (or join) Ray once per process; returns the cluster address ('local' if in-process).
 
     Without RAY_ADDRESS: an in-process local Ray with `num_cpus` (default: this machine's cores),
-    no dashboard, usage stats off, token auth off, temp files under RAY_TMPDIR. With RAY_ADDRESS:
+    bound to loopback only, no dashboard, usage stats off, token auth off (nothing off the
+    machine can reach it), temp files under RAY_TMPDIR. With RAY_ADDRESS:
     joins that cluster, no resource arguments. Must run in the main thread (Ray's core processes
     die with the thread that started them).
     """
+    address = os.environ.get("RAY_ADDRESS")
+    if not address:
+        # Ray's local-only mode (its default on macOS/Windows): every Ray process, the GCS,
+        # raylets and workers, binds 127.0.0.1 instead of the host's address and all interfaces.
+        # Read when ray is imported, so it is set before the import and patched after it.
+        os.environ.setdefault(LOCAL_ONLY_ENV, "0")
     import ray
 
     if ray.is_initialized():
@@ -113,7 +122,6 @@ def ensure_ray(num_cpus: int | None = None) -> str:
         )
     for k, v in RAY_ENV_DEFAULTS.items():
         os.environ.setdefault(k, v)
-    address = os.environ.get("RAY_ADDRESS")
     runtime_env: dict[str, Any] = {"worker_process_setup_hook": "charlm.distributed._worker_setup"}
     try:
         if address:
@@ -121,6 +129,7 @@ def ensure_ray(num_cpus: int | None = None) -> str:
             ray.init(address=address, runtime_env=runtime_env, logging_level="WARNING")
         else:
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+            _local_only(ray)
             tmp = os.environ.setdefault(
                 "RAY_TMPDIR", os.path.join(tempfile.gettempdir(), f"charlm-ray-{os.getuid()}")
             )
@@ -137,6 +146,83 @@ def ensure_ray(num_cpus: int | None = None) -> str:
         where = f"the Ray cluster at RAY_ADDRESS={address}" if address else "a local Ray"
         raise DistributedTrainingError(f"could not start {where}: {_first_line(e)}") from e
     return _address()
+
+
+def _local_only(ray: Any) -> None:
+    """Keep an in-process Ray on loopback even when `ray` was imported before ensure_ray ran
+    (Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER into a module constant at import)."""
+    if os.environ.get(LOCAL_ONLY_ENV) != "0":
+        return
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def _torch_config(base: Any, backend: str, timeout_s: int) -> Any:
+    """Ray Train's TorchConfig; on a local-only Ray, one whose rendezvous store listens on
+    loopback. torch's TCPStore server (rank 0) binds every interface whatever MASTER_ADDR says;
+    this backend first has each worker hand it a socket bound to MASTER_ADDR instead."""
+    if os.environ.get("RAY_ADDRESS") or os.environ.get(LOCAL_ONLY_ENV) != "0":
+        return base(backend=backend, timeout_s=timeout_s)
+    from ray.train.torch.config import _TorchBackend
+
+    class LoopbackTorchBackend(_TorchBackend):
+        def on_start(self, worker_group: Any, backend_config: Any) -> None:
+            worker_group.execute(_rendezvous_on_loopback)
+            super().on_start(worker_group, backend_config)
+
+    @dataclass
+    class LoopbackTorchConfig(base):  # type: ignore[misc, valid-type]
+        @property
+        def backend_cls(self) -> type:
+            return LoopbackTorchBackend
+
+    return LoopbackTorchConfig(backend=backend, timeout_s=timeout_s)
+
+
+def _rendezvous_on_loopback() -> None:
+    """In a Ray Train worker: make rank 0's TCPStore listen only on a loopback MASTER_ADDR."""
+    import importlib
+
+    import torch.distributed as dist
+
+    # The module, not torch.distributed.rendezvous(), the function of the same name.
+    rendezvous = importlib.import_module("torch.distributed.rendezvous")
+    create = rendezvous._create_c10d_store
+    if getattr(create, "charlm_loopback", False):
+        return
+
+    def create_on_loopback(
+        hostname: str, port: int, rank: int, world_size: int, timeout: Any, use_libuv: bool = True
+    ) -> Any:
+        if rank != 0 or not _is_loopback(hostname):
+            return create(hostname, port, rank, world_size, timeout, use_libuv)
+        family = socket.AF_INET6 if ":" in hostname else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((hostname, port))
+        return dist.TCPStore(
+            host_name=hostname,
+            port=port,
+            world_size=world_size,
+            is_master=True,
+            timeout=timeout,
+            multi_tenant=True,
+            use_libuv=use_libuv,
+            master_listen_fd=sock.detach(),  # the store's server owns the socket from here
+        )
+
+    create_on_loopback.charlm_loopback = True  # type: ignore[attr-defined]
+    rendezvous._create_c10d_store = create_on_loopback
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _worker_setup() -> None:
@@ -639,7 +725,7 @@ def train_distributed(
             "rank_callbacks": rank_callbacks,
             "quiet": quiet,
         },
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=int(collective_timeout_s)),
+        torch_config=_torch_config(TorchConfig, "nccl" if use_gpu else "gloo", int(collective_timeout_s)),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=name,

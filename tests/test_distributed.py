@@ -18,6 +18,7 @@ import tempfile
 import time
 import uuid
 
+import netwatch
 import numpy as np
 import pytest
 import ray_fixtures
@@ -196,7 +197,16 @@ def test_explicit_run_names_never_pick_up_another_run(tmp_path):
 
 # -- slow: real Ray runs --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def ray_cluster(s3_server):
+def listening():
+    """Every TCP socket that starts listening while the module's Ray runs (Linux /proc)."""
+    if not netwatch.available():
+        pytest.skip("no /proc/net/tcp on this machine")
+    with netwatch.Watcher() as w:
+        yield w
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(s3_server, listening):
     """One local Ray (2 CPUs) for the module, started after the S3 variables are set."""
     ray = pytest.importorskip("ray")
 
@@ -292,6 +302,13 @@ def test_two_gloo_workers_train_on_disjoint_streams_with_checkpoints_in_s3(refer
     text = Sampler(model, vocab).generate(["The "], 40, seed=1)[0]
     assert len(text) == 40
     assert json.loads(storage.read_bytes(f"{url}/summary.json"))["best_checkpoint"] == f"{url}/best.pt"
+
+
+@pytest.mark.slow
+def test_local_ray_and_the_ddp_rendezvous_listen_on_loopback_only(reference, listening):
+    # GCS, raylet, workers and rank 0's TCPStore all started during the reference run
+    assert len(listening.loopback_seen) >= 5, listening.loopback_seen
+    assert listening.exposed() == []
 
 
 @pytest.mark.slow

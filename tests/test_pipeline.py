@@ -11,6 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import netwatch
 import pytest
 from mlflow_fixtures import _free_port, corpus_text, tiny_config, unique
 
@@ -174,14 +175,28 @@ def test_demo_runs_on_the_embedded_default(tmp_path):
     }
     env.pop("PREFECT_API_URL", None)
     env.pop("MLFLOW_TRACKING_URI", None)
-    res = subprocess.run(
-        [str(BIN / "charlm"), "demo", "--minutes", "0.05", "--hidden-size", "32", "--length", "40", "--json"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    with netwatch.Watcher() as listening:
+        res = subprocess.run(
+            [
+                str(BIN / "charlm"),
+                "demo",
+                "--minutes",
+                "0.05",
+                "--hidden-size",
+                "32",
+                "--length",
+                "40",
+                "--json",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
     assert res.returncode == 0, res.stderr[-3000:]
+    if netwatch.available():  # Ray, its workers, the ephemeral Prefect server: loopback only
+        assert len(listening.loopback_seen) >= 5, listening.loopback_seen
+        assert listening.exposed() == []
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["trained"]["version"] == 1 and out["decision"]["promoted"]
     assert [r["prompt"] for r in out["sample_records"]] == ["def ", "class ", "import "]
