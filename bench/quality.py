@@ -5,6 +5,13 @@ validation loss on the last 10% of the corpus (nanoGPT's split for tinyshakespea
 
 Any `charlm train` flag may follow (e.g. --dropout 0.3); unspecified ones keep the CLI defaults.
 Prints one JSON object: config, steps, epochs, best val loss (nats/char and bpc), chars/s, samples.
+
+Two val figures for the best checkpoint: `best_val_loss` is what training measured, the val split
+cut into `batch_size` streams that each start from a zero state (so the first characters of each
+stream are scored with no context); `val_loss_one_stream` scores the same split as one stream
+with the state carried from its first character to its last, the way an RNN language model is
+read (AWD-LSTM's test batch of 1), every character after the first. Both in fp32; the streamed
+figure leaves out the split's tail that does not fill a last batch, as training's eval does.
 """
 
 from __future__ import annotations
@@ -15,8 +22,11 @@ import math
 import tempfile
 from pathlib import Path
 
+from charlm.checkpoint import load_model
 from charlm.cli import _add_train_flags, run_local_training, train_config_from_args
 from charlm.sample import Sampler
+from charlm.train import evaluate
+from charlm.trainingdata import load_training_data
 
 
 def main() -> None:
@@ -31,9 +41,11 @@ def main() -> None:
     cfg = cfg.replace(max_epochs=None) if a.max_epochs is None else cfg
     out = Path(a.out or tempfile.mkdtemp(prefix="charlm-quality-"))
     summary = run_local_training(cfg, a.corpus, out, resume=False, quiet=False, device=a.device)
-    from charlm.checkpoint import load_model
-
     model, vocab, _ = load_model(str(out / "best.pt"))
+    _, splits, _, _ = load_training_data(a.corpus, cfg.val_frac, cfg.test_frac, None)
+    val = splits["val"]
+    streams_loss, streams_n = evaluate(model, val, cfg.batch_size, cfg.seq_len, precision="fp32")
+    one_loss, one_n = evaluate(model, val, 1, len(val) - 1, precision="fp32")  # one forward
     samples = Sampler(model, vocab, max_batch=2).generate(["ROMEO:", "\n"], 300, temperature=0.8, seed=0)
     print(
         json.dumps(
@@ -46,6 +58,11 @@ def main() -> None:
                 "epochs": summary["epochs"],
                 "best_val_loss": round(summary["best_val_loss"], 4),
                 "best_val_bpc": round(summary["best_val_loss"] / math.log(2), 4),
+                "val_chars": len(val),
+                "val_loss_streams_fp32": {"loss": round(streams_loss, 4), "chars_scored": streams_n},
+                "val_loss_one_stream": round(one_loss, 4),
+                "val_bpc_one_stream": round(one_loss / math.log(2), 4),
+                "val_one_stream_chars_scored": one_n,
                 "final_train_loss": summary["train_loss"],
                 "chars_per_s": round(summary["chars_per_s"]),
                 "precision": summary["precision"],
