@@ -83,6 +83,12 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         default=d.dropout,
         help="dropout between layers and before the head (default %(default)s)",
     )
+    m.add_argument(
+        "--weight-drop",
+        type=float,
+        default=d.weight_drop,
+        help="DropConnect on the recurrent weights, one mask per batch (AWD-LSTM; default %(default)s)",
+    )
     g = p.add_argument_group("data")
     g.add_argument(
         "--seq-len",

@@ -2,7 +2,9 @@
 
 The recurrent part is torch's fused nn.LSTM / nn.GRU / nn.RNN (oneDNN on CPU, cuDNN on GPU), so
 checkpoints hold the standard parameter names (rnn.weight_ih_l0, ...). Dropout follows char-rnn:
-between layers and on the top layer's output before the head.
+between layers and on the top layer's output before the head. `weight_drop` adds AWD-LSTM's
+DropConnect on each layer's hidden-to-hidden weights: one mask per forward (per batch), shared by
+every time step, so the recurrence itself is regularised while the fused kernels still run it.
 
 On CPU the layers are run one at a time through the same fused kernels so that dropout between
 them can use a cheap uint8-threshold mask: torch's bernoulli_ draws one double per element and
@@ -59,7 +61,8 @@ class CharLM(nn.Module):
         if state is None:
             state = self.init_state(B, x.device)
         emb = self.embed(x.t())  # (T, B, E): time-major is the fused kernels' native layout
-        if x.device.type == "cpu" and self.training and self.config.num_layers > 1:
+        per_layer = x.device.type == "cpu" and self.config.num_layers > 1
+        if self.training and (per_layer or self.config.weight_drop > 0):
             out, state = self._forward_layers(emb, state)
         else:
             hx = state if self.n_state == 2 else state[0]
@@ -77,6 +80,9 @@ class CharLM(nn.Module):
             if layer > 0:
                 inp = fast_dropout(inp, self.config.dropout, True)
             params = weights[4 * layer : 4 * layer + 4]
+            if self.config.weight_drop > 0:
+                # (G*H, H) recurrent weights, G gates: dropped connections stay dropped all batch
+                params = [params[0], fast_dropout(params[1], self.config.weight_drop, True), *params[2:]]
             hx = tuple(s[layer : layer + 1] for s in state)
             # torch.lstm(input, hx, params, has_biases, num_layers, dropout, train, bidir, batch_first)
             res = fn(inp, hx if self.n_state == 2 else hx[0], params, True, 1, 0.0, True, False, False)

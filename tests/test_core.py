@@ -166,6 +166,37 @@ def test_dropout_masks_drop_about_p_and_keep_the_mean():
     assert torch.equal(fast_dropout(x, 0.5, False), x)
 
 
+@pytest.mark.parametrize("layers", [1, 2])
+def test_weight_drop_masks_recurrent_connections_for_the_whole_batch(layers):
+    """DropConnect: in training about p of each layer's hidden-to-hidden connections are cut for
+    a whole forward (so their gradient is exactly 0), the stored weights never change, and eval
+    is the plain model."""
+    torch.manual_seed(0)
+    p, H = 0.5, 32
+    model = CharLM(ModelConfig(20, "lstm", layers, H, 8, 0.0, weight_drop=p))
+    plain = CharLM(ModelConfig(20, "lstm", layers, H, 8, 0.0))
+    plain.load_state_dict(model.state_dict())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randint(0, 20, (4, 12))
+
+    model.train()
+    logits, _ = model(x)
+    logits.sum().backward()
+    for layer in range(layers):
+        g_hh = getattr(model.rnn, f"weight_hh_l{layer}").grad
+        g_ih = getattr(model.rnn, f"weight_ih_l{layer}").grad
+        assert g_hh.shape == (4 * H, H)
+        assert abs((g_hh == 0).float().mean().item() - p) < 0.05  # cut connections get no gradient
+        assert (g_ih == 0).float().mean().item() < 0.05  # input weights are never dropped
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    again, _ = model(x)
+    assert not torch.allclose(logits, again)  # a new mask for each forward
+
+    model.eval()
+    plain.eval()
+    torch.testing.assert_close(model(x)[0], plain(x)[0], rtol=0, atol=0)
+
+
 # -- checkpoint ------------------------------------------------------------------------------
 
 
