@@ -71,6 +71,8 @@ def config(args, batch: int, steps: int) -> TrainConfig:
         num_layers=args.num_layers,
         embed_size=64,
         dropout=0.5,
+        weight_drop=0.0,
+        optimizer="adam",
         batch_size=batch,
         seq_len=args.seq_len,
         max_steps=steps,

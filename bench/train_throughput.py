@@ -86,6 +86,8 @@ def charlm_loop(args, data: np.ndarray, precision: str) -> float:
         num_layers=args.num_layers,
         embed_size=args.embed_size,
         dropout=args.dropout,
+        weight_drop=0.0,  # the plain loop has none
+        optimizer="adam",
         batch_size=B,
         seq_len=T,
         max_steps=args.warmup + args.steps,

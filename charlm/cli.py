@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -518,10 +519,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_framework_logs() -> None:
+    """stderr carries charlm's progress and its one-line errors, so MLflow's INFO lines (creating
+    its sqlite tables on first use, alembic's migrations) are held back unless
+    MLFLOW_LOGGING_LEVEL asks for them. Set before mlflow is imported, and on its loggers in
+    case it already was."""
+    level = os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING").upper()
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(level)
+
+
 def main(argv: list[str] | None = None) -> int:
     from charlm import telemetry
 
     telemetry.disable()
+    quiet_framework_logs()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

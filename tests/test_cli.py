@@ -131,7 +131,8 @@ def test_errors_are_one_line_naming_the_object(tmp_path, corpus, capsys):
     err = capsys.readouterr().err
     assert "bad.txt" in err and "invalid UTF-8 at byte offset 1000" in err
 
-    assert main(["train", str(corpus), "--out", str(tmp_path / "o2"), "--batch-size", "512", "--json"]) == 1
+    args = ["train", str(corpus), "--out", str(tmp_path / "o2"), "--batch-size", "512", "--seq-len", "100"]
+    assert main([*args, "--json"]) == 1
     err = capsys.readouterr().err
     assert "corpus.txt has 3,440 characters" in err and "needs at least 51,201" in err
     assert not (tmp_path / "o2" / "last.pt").exists()
