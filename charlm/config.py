@@ -62,10 +62,9 @@ class TrainConfig(_Config):
     Defaults are the ones tuned on tinyshakespeare for a 10-minute budget on a 2-core CPU
     (bench/quality.py; every run is in docs/benchmarks.md). With ~7 epochs in reach, char-rnn's
     dropout 0.5 underfits; char-rnn's seq-len 50 beat 100 (twice the updates for the same
-    characters at the same chars/s); dropout 0.15 beat 0.1, 0.2 and 0.3, and beat adding weight
-    drop 0.1-0.3 (which slows learning more than 7 epochs repay); AdamW at lr 4e-3 with weight
-    decay 0.1 was measured best, by less than a run's noise, over Adam at 3e-3 and AdamW at
-    3e-3/5e-3.
+    characters at the same chars/s); dropout 0.1 and 0.3 and weight drop 0.3 did worse; dropout
+    0.15 without weight drop, AdamW at lr 4e-3 and weight decay 0.1 were measured best, by
+    margins within the ~0.01 that two seeds of one config differ by.
     """
 
     # model
