@@ -148,10 +148,15 @@ def ensure_ray(num_cpus: int | None = None) -> str:
     return _address()
 
 
+def _loopback_only() -> bool:
+    """The in-process Ray of ensure_ray, in local-only mode (the user may have switched it off)."""
+    return not os.environ.get("RAY_ADDRESS") and os.environ.get(LOCAL_ONLY_ENV) == "0"
+
+
 def _local_only(ray: Any) -> None:
     """Keep an in-process Ray on loopback even when `ray` was imported before ensure_ray ran
     (Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER into a module constant at import)."""
-    if os.environ.get(LOCAL_ONLY_ENV) != "0":
+    if not _loopback_only():
         return
     from ray._private import ray_constants
 
@@ -162,7 +167,7 @@ def _torch_config(base: Any, backend: str, timeout_s: int) -> Any:
     """Ray Train's TorchConfig; on a local-only Ray, one whose rendezvous store listens on
     loopback. torch's TCPStore server (rank 0) binds every interface whatever MASTER_ADDR says;
     this backend first has each worker hand it a socket bound to MASTER_ADDR instead."""
-    if os.environ.get("RAY_ADDRESS") or os.environ.get(LOCAL_ONLY_ENV) != "0":
+    if not _loopback_only():
         return base(backend=backend, timeout_s=timeout_s)
     from ray.train.torch.config import _TorchBackend
 
