@@ -87,6 +87,7 @@ def charlm_loop(args, data: np.ndarray, precision: str) -> float:
         embed_size=args.embed_size,
         dropout=args.dropout,
         weight_drop=0.0,  # the plain loop has none
+        ema=0.0,  # nor a weight average
         optimizer="adam",
         batch_size=B,
         seq_len=T,

@@ -4,7 +4,9 @@ A checkpoint is a dict of tensors and JSON-able primitives only:
 
     schema, schema_version, charlm_version, torch_version,
     model_config (dict), vocab (Vocab.to_dict: code points + counts), state_dict (CPU tensors,
-    no DDP "module." / torch.compile "_orig_mod." prefixes), optimizer (state_dict or None),
+    no DDP "module." / torch.compile "_orig_mod." prefixes: the weights to evaluate and sample,
+    the moving average when training keeps one), train_state_dict (the optimizer's own weights
+    when they differ from state_dict, else None), optimizer (state_dict or None),
     train_config (dict), step, epoch, batch_in_epoch, train_seconds, rng (torch CPU state,
     CUDA states), carry (the recurrent state carried between training batches, or None),
     best_val_loss, val_loss, corpus_fingerprint, metrics (dict)
@@ -68,6 +70,7 @@ def build(
     vocab: Vocab,
     *,
     optimizer: torch.optim.Optimizer | None = None,
+    train_model: torch.nn.Module | None = None,
     train_config: dict | None = None,
     step: int = 0,
     epoch: int = 0,
@@ -90,6 +93,7 @@ def build(
         "model_config": model_config.to_dict(),
         "vocab": vocab.to_dict(),
         "state_dict": clean_state_dict(model.state_dict()),
+        "train_state_dict": clean_state_dict(train_model.state_dict()) if train_model is not None else None,
         "optimizer": _to_cpu(optimizer.state_dict()) if optimizer is not None else None,
         "train_config": dict(train_config or {}),
         "step": int(step),
@@ -174,12 +178,15 @@ def validate(ckpt: Any, label: str = "checkpoint") -> None:
         raise CheckpointError(f"{label}: bad model config or vocab: {e}") from e
     if cfg.vocab_size != len(vocab):
         raise CheckpointError(f"{label}: vocab has {len(vocab)} characters, model expects {cfg.vocab_size}")
-    sd = ckpt["state_dict"]
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise CheckpointError(f"{label}: state_dict is not a dict of tensors")
-    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise CheckpointError(f"{label}: non-finite values in {', '.join(bad[:5])}")
+    for key in ("state_dict", "train_state_dict"):
+        sd = ckpt.get(key)
+        if sd is None and key == "train_state_dict":
+            continue
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise CheckpointError(f"{label}: {key} is not a dict of tensors")
+        bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise CheckpointError(f"{label}: non-finite values in {key}: {', '.join(bad[:5])}")
 
 
 def load_model(

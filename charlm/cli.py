@@ -155,6 +155,13 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     o.add_argument(
         "--grad-clip", type=float, default=d.grad_clip, help="global gradient-norm clip (default %(default)s)"
     )
+    o.add_argument(
+        "--ema",
+        type=float,
+        default=d.ema,
+        help="evaluate, save and sample a moving average of the weights with this decay; 0: off "
+        "(default %(default)s)",
+    )
     r = p.add_argument_group("run length (the first limit reached stops; default --max-epochs 10)")
     r.add_argument("--max-steps", type=int, default=None, help="optimizer steps")
     r.add_argument("--max-epochs", type=float, default=None, help="passes over the training split")

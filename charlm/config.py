@@ -90,6 +90,10 @@ class TrainConfig(_Config):
     lr_decay: float = 0.97  # step schedule: multiply per epoch ...
     lr_decay_after: int = 10  # ... after this many epochs (char-rnn's learning_rate_decay_after)
     grad_clip: float = 5.0
+    # Evaluate, save and sample an exponential moving average of the weights (Polyak averaging);
+    # its decay ramps as min(ema, (1 + step) / (10 + step)), so it averages over about the last
+    # tenth of a short run and 1 / (1 - ema) steps of a long one. 0 turns it off.
+    ema: float = 0.998
     # length of the run: the first limit reached stops it (at least one must be set)
     max_steps: int | None = None
     max_epochs: float | None = None
@@ -115,6 +119,8 @@ class TrainConfig(_Config):
             raise ValueError("need 0 < val_frac, 0 <= test_frac and val_frac + test_frac < 1")
         if self.lr <= 0:
             raise ValueError("lr must be positive")
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"ema must be in [0, 1), got {self.ema}")
         if self.max_steps is None and self.max_epochs is None and self.time_budget is None:
             raise ValueError("set at least one of max_steps, max_epochs, time_budget")
         if self.eval_every < 1 or self.log_every < 1:

@@ -6,6 +6,7 @@ MLflow logging, a test's recorder) and in the `Dist` hooks (identity locally, al
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -84,7 +85,7 @@ class Run:
     config: TrainConfig
     model_config: ModelConfig
     vocab: Vocab
-    model: CharLM  # unwrapped (no DDP), on `device`
+    model: CharLM  # unwrapped (no DDP), on `device`: the weights the optimizer steps
     optimizer: torch.optim.Optimizer
     device: torch.device
     precision: str
@@ -101,6 +102,12 @@ class Run:
     is_best: bool = False  # the last evaluation improved on best_val_loss
     carry: State | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    ema_model: CharLM | None = None  # the moving average of `model` (config.ema > 0), in eval mode
+
+    @property
+    def eval_model(self) -> CharLM:
+        """The weights that are evaluated, checkpointed as `state_dict` and sampled."""
+        return self.ema_model if self.ema_model is not None else self.model
 
     @property
     def chars_per_step(self) -> int:
@@ -127,10 +134,11 @@ class Run:
     def checkpoint(self) -> dict[str, Any]:
         """A checkpoint of this exact point: resuming from it continues the run bit for bit."""
         return ckpt_mod.build(
-            self.model,
+            self.eval_model,
             self.model_config,
             self.vocab,
             optimizer=self.optimizer,
+            train_model=self.model if self.ema_model is not None else None,
             train_config=self.config.to_dict(),
             step=self.step,
             epoch=self.epoch,
@@ -152,6 +160,18 @@ def lr_at(cfg: TrainConfig, step: int, epoch: int, progress: float) -> float:
         return cfg.lr * warm
     floor = cfg.lr * cfg.min_lr_frac
     return warm * (floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def update_ema(run: Run) -> None:
+    """Move the average towards the weights just stepped. The decay ramps up from 0.2 so the
+    average forgets the random initialisation fast, then spans about the last tenth of the run
+    until it reaches config.ema (1 / (1 - ema) steps)."""
+    if run.ema_model is None:
+        return
+    decay = min(run.config.ema, (1 + run.step) / (10 + run.step))
+    avg = [p for p in run.ema_model.parameters()]
+    torch._foreach_lerp_(avg, [p.detach() for p in run.model.parameters()], 1.0 - decay)
 
 
 def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -240,6 +260,9 @@ def train(
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = CharLM(model_cfg).to(device)
     optimizer = make_optimizer(cfg, model)
+    ema_model = None
+    if cfg.ema > 0:
+        ema_model = copy.deepcopy(model).eval().requires_grad_(False)
 
     batcher = StreamBatcher(
         splits["train"], batch_size, cfg.seq_len, dist.rank, dist.world_size, seed=cfg.seed
@@ -256,6 +279,7 @@ def train(
         batches_per_epoch=batcher.batches_per_epoch(0),
         dist=dist,
         corpus_fingerprint=corpus_fingerprint,
+        ema_model=ema_model,
     )
     if resume is not None:
         _restore(run, resume)
@@ -297,6 +321,7 @@ def train(
             optimizer.step()
             run.carry = detach_state(state)
             run.step += 1
+            update_ema(run)
             run.batch_in_epoch += 1
             dt = time.perf_counter() - t0
             run.train_seconds += dt
@@ -398,7 +423,7 @@ def _evaluate_and_report(run: Run, val_ids: np.ndarray, callbacks: Sequence[Call
     c = run.config
     t0 = time.perf_counter()
     local, _ = evaluate(
-        run.model,
+        run.eval_model,
         val_ids,
         run.batch_size,
         c.seq_len,
@@ -442,7 +467,10 @@ def _restore(run: Run, ck: dict[str, Any]) -> None:
     fp = ck.get("corpus_fingerprint")
     if fp and run.corpus_fingerprint and fp != run.corpus_fingerprint:
         raise ValueError("cannot resume: the corpus differs from the one the checkpoint was trained on")
-    run.model.load_state_dict(ck["state_dict"])
+    # A checkpoint that kept an average holds the optimizer's own weights apart.
+    run.model.load_state_dict(ck.get("train_state_dict") or ck["state_dict"])
+    if run.ema_model is not None:
+        run.ema_model.load_state_dict(ck["state_dict"])
     if ck.get("optimizer") is not None:
         run.optimizer.load_state_dict(ck["optimizer"])
     run.step, run.epoch, run.batch_in_epoch = int(ck["step"]), int(ck["epoch"]), int(ck["batch_in_epoch"])

@@ -101,6 +101,42 @@ def test_resume_equals_uninterrupted(tmp_path):
     train(cfg, vocab, splits, callbacks=[rest], resume=ck, device="cpu")
     assert min(rest.losses) == 21
     assert {s: rest.losses[s] for s in range(21, 41)} == {s: full.losses[s] for s in range(21, 41)}
+    # the val losses are the weight average's, so they match only if the average resumed exactly
+    assert [(e["step"], e["val_loss"]) for e in rest.evals] == [
+        (e["step"], e["val_loss"]) for e in full.evals if e["step"] > 20
+    ]
+
+
+def test_weight_average_is_evaluated_saved_and_kept_apart_from_the_trained_weights(tmp_path):
+    vocab, splits = _data()
+
+    class Snapshots(Recorder):
+        def on_start(self, run):
+            self.weights = [[p.detach().clone() for p in run.model.parameters()]]
+
+        def on_log(self, run, m):
+            super().on_log(run, m)
+            self.weights.append([p.detach().clone() for p in run.model.parameters()])
+
+    rec = Snapshots()
+    cfg = _cfg(max_steps=12, eval_every=12, ema=0.9)
+    train(cfg, vocab, splits, callbacks=[rec, CheckpointFiles(tmp_path)], device="cpu")
+    avg = rec.weights[0]
+    for n, w in enumerate(rec.weights[1:], start=1):  # decay ramps: 2/11, 3/12, ... then 0.9
+        d = min(0.9, (1 + n) / (10 + n))
+        avg = [d * a + (1 - d) * p for a, p in zip(avg, w, strict=True)]
+    ck = checkpoint.load(tmp_path / "last.pt")
+    names = [k for k, _ in CharLM(cfg.model_config(len(vocab))).named_parameters()]
+    for k, a, p in zip(names, avg, rec.weights[-1], strict=True):
+        assert torch.allclose(ck["state_dict"][k], a, atol=1e-6), k
+        assert torch.equal(ck["train_state_dict"][k], p), k
+        assert not torch.allclose(a, p, atol=1e-4), k  # the average really differs
+    model, _, _ = checkpoint.load_model(ck)
+    assert evaluate(model, splits["val"], 4, 16)[0] == pytest.approx(rec.evals[-1]["val_loss"], abs=1e-6)
+
+    plain = tmp_path / "plain"
+    train(_cfg(max_steps=3, ema=0.0), vocab, splits, callbacks=[CheckpointFiles(plain)], device="cpu")
+    assert checkpoint.load(plain / "last.pt")["train_state_dict"] is None
 
 
 def test_epoch_boundaries_reset_state_and_advance_epochs():
