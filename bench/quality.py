@@ -12,6 +12,10 @@ stream are scored with no context); `val_loss_one_stream` scores the same split 
 with the state carried from its first character to its last, the way an RNN language model is
 read (AWD-LSTM's test batch of 1), every character after the first. Both in fp32; the streamed
 figure leaves out the split's tail that does not fill a last batch, as training's eval does.
+
+With a weight average (--ema, on by default) the checkpoint's model is the average, and the
+weights the optimizer trained travel beside it: `val_loss_one_stream_trained` scores those too,
+so one run shows what the average gained at the same step.
 """
 
 from __future__ import annotations
@@ -41,11 +45,16 @@ def main() -> None:
     cfg = cfg.replace(max_epochs=None) if a.max_epochs is None else cfg
     out = Path(a.out or tempfile.mkdtemp(prefix="charlm-quality-"))
     summary = run_local_training(cfg, a.corpus, out, resume=False, quiet=False, device=a.device)
-    model, vocab, _ = load_model(str(out / "best.pt"))
+    model, vocab, ck = load_model(str(out / "best.pt"))
     _, splits, _, _ = load_training_data(a.corpus, cfg.val_frac, cfg.test_frac, None)
     val = splits["val"]
     streams_loss, streams_n = evaluate(model, val, cfg.batch_size, cfg.seq_len, precision="fp32")
     one_loss, one_n = evaluate(model, val, 1, len(val) - 1, precision="fp32")  # one forward
+    trained_loss = None
+    if ck.get("train_state_dict") is not None:
+        model.load_state_dict(ck["train_state_dict"])
+        trained_loss = round(evaluate(model, val, 1, len(val) - 1, precision="fp32")[0], 4)
+        model.load_state_dict(ck["state_dict"])
     samples = Sampler(model, vocab, max_batch=2).generate(["ROMEO:", "\n"], 300, temperature=0.8, seed=0)
     print(
         json.dumps(
@@ -63,6 +72,7 @@ def main() -> None:
                 "val_loss_one_stream": round(one_loss, 4),
                 "val_bpc_one_stream": round(one_loss / math.log(2), 4),
                 "val_one_stream_chars_scored": one_n,
+                "val_loss_one_stream_trained": trained_loss,
                 "final_train_loss": summary["train_loss"],
                 "chars_per_s": round(summary["chars_per_s"]),
                 "precision": summary["precision"],

@@ -905,7 +905,8 @@ def register_checkpoint(
     """Log checkpoint_ref (path or URL) as a pyfunc model of run run_id and register it as a new
     version of name, tagged with dataset_id, val_bpc, val_loss, corpus_fingerprint and step.
 
-    The stored copy holds weights, configs and vocab but no optimizer state (inference only).
+    The stored copy holds the evaluated weights, configs and vocab, but no optimizer state and not
+    the trained weights a moving average was taken of (inference only).
     Returns {name, version, model_uri, run_id, tags}.
     """
     from mlflow.models import Model
@@ -921,7 +922,7 @@ def register_checkpoint(
             run = client.get_run(run_id)
     except MlflowException as e:
         raise TrackingError(f"run {run_id}: not found in {display_uri(uri)}") from e
-    slim = {**ck, "optimizer": None, "carry": None, "rng": {}}
+    slim = {**ck, "optimizer": None, "train_state_dict": None, "carry": None, "rng": {}}
     loss = ck.get("best_val_loss") if ck.get("best_val_loss") is not None else ck.get("val_loss")
     version_tags: dict[str, Any] = {
         "step": int(ck["step"]),

@@ -151,7 +151,8 @@ def test_champion_predicts_what_charlm_sample_prints(reg):
     saved = torch.load(better["best_checkpoint"], weights_only=True)
     assert label == f"models:/{name}/2 (@champion)" and ck["step"] == saved["step"]
     assert all(torch.equal(ck["state_dict"][k], v) for k, v in saved["state_dict"].items())
-    assert ck["optimizer"] is None  # the registered copy is for inference
+    assert ck["optimizer"] is None and ck["train_state_dict"] is None  # the registered copy is for inference
+    assert saved["train_state_dict"] is not None  # the run's own checkpoint kept the trained weights
     for ref in (f"models:/{name}/2", better["best_checkpoint"], better["out_dir"]):
         assert trk.resolve_model_ref(ref, tracking_uri=reg["uri"])[2]["step"] == saved["step"]
     with pytest.raises(trk.TrackingError, match="no alias @nope"):
