@@ -187,6 +187,11 @@ def validate(ckpt: Any, label: str = "checkpoint") -> None:
         bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
         if bad:
             raise CheckpointError(f"{label}: non-finite values in {key}: {', '.join(bad[:5])}")
+    trained = ckpt.get("train_state_dict")
+    if trained is not None:
+        shapes = {k: tuple(v.shape) for k, v in ckpt["state_dict"].items()}
+        if {k: tuple(v.shape) for k, v in trained.items()} != shapes:
+            raise CheckpointError(f"{label}: train_state_dict does not match state_dict's names and shapes")
 
 
 def load_model(

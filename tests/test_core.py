@@ -265,6 +265,16 @@ def test_tampered_checkpoints_are_refused(tmp_path):
     checkpoint.save(ck, shapes)
     with pytest.raises(checkpoint.CheckpointError, match=r"shapes\.pt: weights do not match"):
         checkpoint.load_model(shapes)
+    _, _, ck = _tiny_checkpoint()
+    ck["train_state_dict"] = {k: v.clone() for k, v in ck["state_dict"].items()}
+    ck["train_state_dict"]["head.bias"][0] = float("inf")
+    with pytest.raises(
+        checkpoint.CheckpointError, match=r"non-finite values in train_state_dict: head\.bias"
+    ):
+        checkpoint.validate(ck, "inf.pt")
+    ck["train_state_dict"] = {k: v for k, v in ck["state_dict"].items() if k != "head.bias"}
+    with pytest.raises(checkpoint.CheckpointError, match=r"train_state_dict does not match"):
+        checkpoint.validate(ck, "part.pt")
     assert pickle  # the evil payload above was never executed
 
 
