@@ -63,7 +63,7 @@ class TrainConfig(_Config):
     (bench/quality.py; every run is in docs/benchmarks.md). With ~7 epochs in reach, char-rnn's
     dropout 0.5 underfits; char-rnn's seq-len 50 beat 100 (twice the updates for the same
     characters at the same chars/s) and 32 (fewer chars/s); evaluating a moving average of the
-    weights (ema) scored 0.002-0.010 (mostly ~0.003) below the trained weights at the same step;
+    weights (ema) scored 0.002-0.010 (median 0.004) below the trained weights at the same step;
     with it, dropout 0.2 did better than 0.25, and AdamW at lr 4e-3 and weight decay 0.1 were
     measured best, by margins within run-to-run noise.
     """
