@@ -48,13 +48,15 @@ def main() -> None:
     model, vocab, ck = load_model(str(out / "best.pt"))
     _, splits, _, _ = load_training_data(a.corpus, cfg.val_frac, cfg.test_frac, None)
     val = splits["val"]
+
+    def one_stream(weights: dict) -> tuple[float, int]:  # the whole split as one forward
+        model.load_state_dict(weights)
+        return evaluate(model, val, 1, len(val) - 1, precision="fp32")
+
     streams_loss, streams_n = evaluate(model, val, cfg.batch_size, cfg.seq_len, precision="fp32")
-    one_loss, one_n = evaluate(model, val, 1, len(val) - 1, precision="fp32")  # one forward
-    trained_loss = None
-    if ck.get("train_state_dict") is not None:
-        model.load_state_dict(ck["train_state_dict"])
-        trained_loss = round(evaluate(model, val, 1, len(val) - 1, precision="fp32")[0], 4)
-        model.load_state_dict(ck["state_dict"])
+    trained = ck.get("train_state_dict")
+    trained_loss = round(one_stream(trained)[0], 4) if trained is not None else None
+    one_loss, one_n = one_stream(ck["state_dict"])  # last, so the samples below use these weights
     samples = Sampler(model, vocab, max_batch=2).generate(["ROMEO:", "\n"], 300, temperature=0.8, seed=0)
     print(
         json.dumps(

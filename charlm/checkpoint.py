@@ -178,20 +178,21 @@ def validate(ckpt: Any, label: str = "checkpoint") -> None:
         raise CheckpointError(f"{label}: bad model config or vocab: {e}") from e
     if cfg.vocab_size != len(vocab):
         raise CheckpointError(f"{label}: vocab has {len(vocab)} characters, model expects {cfg.vocab_size}")
-    for key in ("state_dict", "train_state_dict"):
-        sd = ckpt.get(key)
-        if sd is None and key == "train_state_dict":
-            continue
-        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-            raise CheckpointError(f"{label}: {key} is not a dict of tensors")
-        bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-        if bad:
-            raise CheckpointError(f"{label}: non-finite values in {key}: {', '.join(bad[:5])}")
+    _check_weights(ckpt["state_dict"], "state_dict", label)
     trained = ckpt.get("train_state_dict")
     if trained is not None:
+        _check_weights(trained, "train_state_dict", label)
         shapes = {k: tuple(v.shape) for k, v in ckpt["state_dict"].items()}
         if {k: tuple(v.shape) for k, v in trained.items()} != shapes:
             raise CheckpointError(f"{label}: train_state_dict does not match state_dict's names and shapes")
+
+
+def _check_weights(sd: Any, key: str, label: str) -> None:
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{label}: {key} is not a dict of tensors")
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{label}: non-finite values in {key}: {', '.join(bad[:5])}")
 
 
 def load_model(

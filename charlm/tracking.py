@@ -65,6 +65,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from charlm import __version__, storage
+from charlm.checkpoint import clean_state_dict
 from charlm.train import LN2, Callback, Run
 from charlm.vocab import Vocab
 
@@ -646,9 +647,7 @@ class TrackingCallback(Callback):
             return
         self._record("eval", metrics)
         if run.is_best:
-            self._best_state = {
-                k: v.detach().to("cpu", copy=True) for k, v in run.eval_model.state_dict().items()
-            }
+            self._best_state = clean_state_dict(run.eval_model.state_dict())
             self._best_step = run.step
         self.flush(final=False)
 
@@ -712,7 +711,7 @@ class TrackingCallback(Callback):
         if not self.temperatures or self.samples_per_prompt < 1 or self.sample_length < 1:
             return []
         model = CharLM(run.model_config)
-        state = self._best_state or {k: v.detach().cpu() for k, v in run.eval_model.state_dict().items()}
+        state = self._best_state or clean_state_dict(run.eval_model.state_dict())
         model.load_state_dict(state)
         model.eval()
         prompts = [p for p in self.sample_prompts if not run.vocab.unknown(p)] or [""]

@@ -170,8 +170,7 @@ def update_ema(run: Run) -> None:
     if run.ema_model is None:
         return
     decay = min(run.config.ema, (1 + run.step) / (10 + run.step))
-    avg = [p for p in run.ema_model.parameters()]
-    torch._foreach_lerp_(avg, [p.detach() for p in run.model.parameters()], 1.0 - decay)
+    torch._foreach_lerp_(list(run.ema_model.parameters()), list(run.model.parameters()), 1.0 - decay)
 
 
 def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
