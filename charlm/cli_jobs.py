@@ -21,6 +21,7 @@ def _generate(a: argparse.Namespace) -> dict[str, Any]:
         seed=a.seed,
         stop=a.stop,
         batch_size=a.batch_size,
+        precision=a.precision,
     )
     res = generate(a.model, a.prompts, a.out, cfg.to_dict(), a.workers, a.store, progress=not a.json)
     if not a.json:
@@ -125,6 +126,8 @@ def _demo(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
+    from charlm.config import SAMPLE_PRECISIONS
+
     g = sub.add_parser(
         "generate",
         help="batch generation job: prompts file in, JSONL samples out (Ray actors)",
@@ -145,6 +148,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--stop", default=None, help="end a sample at this string")
     g.add_argument(
         "--batch-size", type=int, default=256, help="streams per forward step (default %(default)s)"
+    )
+    g.add_argument(
+        "--precision",
+        choices=SAMPLE_PRECISIONS,
+        default="auto",
+        help="as `charlm sample --precision` (default %(default)s)",
     )
     g.add_argument("--workers", type=int, default=1, help="Ray actors (default %(default)s: in-process)")
     g.add_argument("--store", default=None, help="store root (default $CHARLM_STORE or ~/.charlm/store)")

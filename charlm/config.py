@@ -16,6 +16,8 @@ CELLS = ("lstm", "gru", "rnn")
 OPTIMIZERS = ("adam", "adamw", "rmsprop")
 SCHEDULES = ("cosine", "step", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
+# sampling also runs int8: weights and hidden states in int8, products exact in int32 (CPU)
+SAMPLE_PRECISIONS = (*PRECISIONS, "int8")
 
 
 class _Config:

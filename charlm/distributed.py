@@ -845,7 +845,9 @@ def _generator_actor_class():
     class Generator:
         """Loads the model once; generates batches of records (charlm.genjob's executor contract)."""
 
-        def __init__(self, ckpt: bytes, label: str, threads: int, use_gpu: bool, batch: int) -> None:
+        def __init__(
+            self, ckpt: bytes, label: str, threads: int, use_gpu: bool, batch: int, precision: str
+        ) -> None:
             import torch
 
             from charlm.checkpoint import load_model
@@ -854,7 +856,7 @@ def _generator_actor_class():
             torch.set_num_threads(threads)
             device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
             model, vocab, _ = load_model(ckpt, name=label, device=device)
-            self.sampler = Sampler(model, vocab, device=device, max_batch=batch)
+            self.sampler = Sampler(model, vocab, precision=precision, device=device, max_batch=batch)
             self.label = label
 
         def run(self, records: list, cfg_dict: dict) -> list[dict]:
@@ -880,7 +882,7 @@ def generate_on_ray(
     batch = min(cfg.batch_size, max(len(s) for s in shards))
     actors = [
         Generator.options(num_cpus=cpus, num_gpus=1 if use_gpu else 0).remote(
-            ckpt_ref, label, threads, use_gpu, batch
+            ckpt_ref, label, threads, use_gpu, batch, cfg.precision
         )
         for _ in shards
     ]

@@ -15,7 +15,7 @@ import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from charlm.config import _Config
+from charlm.config import SAMPLE_PRECISIONS, _Config
 from charlm.sample import Sampler
 from charlm.vocab import UnknownCharactersError
 
@@ -34,12 +34,15 @@ class GenerateConfig(_Config):
     seed: int = 0
     stop: str | None = None
     batch_size: int = 256  # streams per forward step
+    precision: str = "auto"  # charlm.sample.Sampler's: auto | fp32 | bf16 | int8
 
     def __post_init__(self) -> None:
         if self.num_samples < 1 or self.length < 1 or self.batch_size < 1:
             raise ValueError("num_samples, length and batch_size must be positive")
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
             raise ValueError("need temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
+        if self.precision not in SAMPLE_PRECISIONS:
+            raise ValueError(f"precision must be one of {SAMPLE_PRECISIONS}, got {self.precision!r}")
 
     def sampling_params(self) -> dict:
         return {k: getattr(self, k) for k in ("length", "temperature", "top_k", "top_p", "seed", "stop")}

@@ -33,7 +33,8 @@ def local_executor(
     from charlm.sample import Sampler
 
     model, vocab, _ = load_model(ckpt, name=label)
-    sampler = Sampler(model, vocab, max_batch=min(cfg.batch_size, max(len(s) for s in shards)))
+    batch = min(cfg.batch_size, max(len(s) for s in shards))
+    sampler = Sampler(model, vocab, precision=cfg.precision, max_batch=batch)
     return [generate_records(sampler, s, cfg, label, on_batch=progress) for s in shards]
 
 

@@ -22,11 +22,18 @@ from charlm.sample import Sampler
 from charlm.vocab import Vocab
 
 
-@pytest.fixture(scope="module")
-def sampler():
+@pytest.fixture(scope="module", params=["bf16", "int8"])
+def sampler(request):
     vocab = Vocab.from_text("abcdefghijklmnopqrstuvwxyz .,\n")
     torch.manual_seed(0)
-    return Sampler(CharLM(ModelConfig(len(vocab), "lstm", 2, 32, 8, 0.0)), vocab, precision="bf16")
+    model = CharLM(ModelConfig(len(vocab), "lstm", 2, 32, 8, 0.0))
+    return Sampler(model, vocab, precision=request.param)
+
+
+def test_generate_config_names_a_bad_precision():
+    assert GenerateConfig(precision="int8").to_dict()["precision"] == "int8"
+    with pytest.raises(ValueError, match=r"precision must be one of .*got 'fp16'"):
+        GenerateConfig(precision="fp16")
 
 
 def test_parse_text_and_jsonl_prompts():
