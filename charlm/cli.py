@@ -373,7 +373,8 @@ def _add_sample_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def generate_samples(model, vocab, a: argparse.Namespace, stream: bool) -> list[dict]:
+def generate_samples(model, vocab, a: argparse.Namespace, stream: bool) -> tuple[list[dict], str]:
+    """(the samples, the precision they were made at: what `auto` resolved to)."""
     from charlm.sample import Sampler
 
     primes = a.prime or [""]
@@ -404,12 +405,12 @@ def generate_samples(model, vocab, a: argparse.Namespace, stream: bool) -> list[
     elif stream:
         for i, (p, t) in enumerate(zip(prompts, texts, strict=True)):
             print(f"--- sample {i + 1} ---\n{p}{t}")
-    return [{"prime": p, "text": t} for p, t in zip(prompts, texts, strict=True)]
+    return [{"prime": p, "text": t} for p, t in zip(prompts, texts, strict=True)], sampler.precision
 
 
 def cmd_sample(a: argparse.Namespace) -> dict:
     model, vocab, ck, label = resolve_model(a.model, store=a.store)
-    samples = generate_samples(model, vocab, a, stream=not a.json)
+    samples, precision = generate_samples(model, vocab, a, stream=not a.json)
     return {
         "model": label,
         "step": ck.get("step"),
@@ -417,6 +418,7 @@ def cmd_sample(a: argparse.Namespace) -> dict:
             k: getattr(a, k)
             for k in ("length", "temperature", "top_k", "top_p", "seed", "stop", "num_samples")
         },
+        "precision": precision,
         "samples": samples,
     }
 

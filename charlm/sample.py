@@ -7,7 +7,8 @@ With bf16 the gates are computed in bf16 (the GEMMs produce bf16 anyway) while t
 state, which accumulates over thousands of steps, stays fp32. Upper LSTM/RNN layers run
 [x, h] @ [W_ih; W_hh]^T as one GEMM.
 
-Precision: `auto` on a CPU is int8 where torch has oneDNN's quantized linear (x86): weights int8
+Precision: `auto` on a CPU is int8 where it has 8-bit dot-product instructions (VNNI/AMX) and
+torch has oneDNN's quantized linear (x86): weights int8
 per output row, hidden states uint8 (they lie in [-1, 1]), int32 products, fp32 gates and cell
 state. On a model trained on tinyshakespeare it scores within 0.0001 nats/char of fp32, as bf16
 does, and runs ~1.6x bf16's speed at 256 streams. Elsewhere `auto` is bf16 where the hardware
@@ -70,6 +71,17 @@ class _Linear:
 
 
 FUSED_INT8 = True  # use oneDNN's fused quantized linear where torch has it (tests turn it off)
+
+
+def cpu_has_int8_dot() -> bool:
+    """Whether this CPU has 8-bit dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX). Without
+    them oneDNN sums pairs of u8 x s8 products in int16, which can saturate (oneDNN's "Nuances of
+    int8 computations"), so the sampler runs int8 only where they exist."""
+    try:
+        caps = torch.cpu.get_capabilities()
+    except (AttributeError, RuntimeError):
+        return False
+    return any(caps.get(k, False) for k in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
 def _fused_int8_available() -> bool:
@@ -147,7 +159,13 @@ class Sampler:
             raise ValueError(f"precision must be one of {SAMPLE_PRECISIONS}, got {precision!r}")
         if precision == "int8" and self.device.type != "cpu":
             raise ValueError(f"int8 sampling runs on CPU only (this model is on {self.device.type})")
-        if precision == "auto" and self.device.type == "cpu" and _fused_int8_available():
+        if precision == "int8" and not cpu_has_int8_dot():
+            raise ValueError(
+                "int8 sampling needs a CPU with AVX512-VNNI, AVX-VNNI or AMX (without them int8 "
+                "products can saturate); use precision bf16 or fp32"
+            )
+        cpu_int8 = self.device.type == "cpu" and cpu_has_int8_dot() and _fused_int8_available()
+        if precision == "auto" and cpu_int8:
             # as faithful as bf16 (~0.0001 nats/char from fp32, docs/benchmarks.md), and faster
             self.precision = "int8"
         else:

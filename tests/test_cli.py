@@ -79,6 +79,7 @@ def test_train_then_sample_json(tmp_path, corpus, capsys):
     res = _json(capsys)
     texts = [s["text"] for s in res["samples"]]
     assert len(texts) == 3 and all(len(t) == 30 for t in texts) and len(set(texts)) > 1
+    assert res["precision"] in ("int8", "bf16", "fp32")  # what auto resolved to
     assert (
         main(
             [
@@ -98,6 +99,8 @@ def test_train_then_sample_json(tmp_path, corpus, capsys):
         == 0
     )
     assert [s["text"] for s in _json(capsys)["samples"]] == texts  # same seed, same text
+    fp32 = ["sample", str(out), "--prime", "To be", "--length", "30", "--precision", "fp32", "--json"]
+    assert main(fp32) == 0 and _json(capsys)["precision"] == "fp32"
 
 
 def test_sample_streams_one_sample_to_stdout(tmp_path, corpus, capsys):

@@ -235,6 +235,16 @@ def test_sampler_rejects_an_unknown_precision(trained):
         Sampler(model, vocab, precision="int4")
 
 
+def test_int8_only_on_a_cpu_with_int8_dot_products(trained, monkeypatch):
+    model, vocab = trained
+    if charlm.sample.cpu_has_int8_dot() and charlm.sample._fused_int8_available():
+        assert Sampler(model, vocab).precision == "int8"  # auto
+    monkeypatch.setattr(charlm.sample, "cpu_has_int8_dot", lambda: False)
+    assert Sampler(model, vocab).precision in ("bf16", "fp32")
+    with pytest.raises(ValueError, match="int8 sampling needs a CPU with AVX512-VNNI"):
+        Sampler(model, vocab, precision="int8")
+
+
 @pytest.mark.parametrize(
     ("precision", "fused_int8"), [("fp32", True), ("bf16", True), ("int8", True), ("int8", False)]
 )
