@@ -8,11 +8,11 @@ state, which accumulates over thousands of steps, stays fp32. Upper LSTM/RNN lay
 [x, h] @ [W_ih; W_hh]^T as one GEMM.
 
 Precision: `auto` on a CPU is int8 where it has 8-bit dot-product instructions (VNNI/AMX) and
-torch has oneDNN's quantized linear (x86): weights int8
-per output row, hidden states uint8 (they lie in [-1, 1]), int32 products, fp32 gates and cell
-state. On a model trained on tinyshakespeare it scores within 0.0001 nats/char of fp32, as bf16
-does, and runs ~1.6x bf16's speed at 256 streams. Elsewhere `auto` is bf16 where the hardware
-has it, else fp32.
+torch has oneDNN's quantized linear (x86): weights int8 per output row, hidden states uint8 (they
+lie in [-1, 1]), int32 products, fp32 gates and cell state. On models trained on tinyshakespeare
+it scores within 0.0003 nats/char of fp32 (bf16: 0.0001) and runs ~1.6x bf16's speed at 256
+streams (bench/sample_fidelity.py, bench/sample_throughput.py). Elsewhere `auto` is bf16 where
+the hardware has it, else fp32.
 
 Randomness: a sample is drawn as argmax(logits / temperature + Gumbel noise), where the noise for
 (stream id, step, character) is a counter-based hash of the seed. A stream's text therefore
@@ -166,7 +166,7 @@ class Sampler:
             )
         cpu_int8 = self.device.type == "cpu" and cpu_has_int8_dot() and _fused_int8_available()
         if precision == "auto" and cpu_int8:
-            # as faithful as bf16 (~0.0001 nats/char from fp32, docs/benchmarks.md), and faster
+            # within 0.0003 nats/char of fp32 (docs/benchmarks.md), and faster than bf16
             self.precision = "int8"
         else:
             self.precision = resolve_precision(precision, self.device)
