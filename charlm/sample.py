@@ -192,14 +192,16 @@ class Sampler:
             return _Linear(weight, bias, gate_dtype, batch)
 
         w = {name: p.detach().float() for name, p in rnn.named_parameters()}
-        # torch's CPU tanh costs ~4x its sigmoid, so the LSTM step computes tanh(x) as
-        # 2 sigmoid(2x) - 1: for c (fp32) always; for the cell-input gate g when the gates are
-        # fp32, by doubling g's rows here so that one sigmoid over all four gates also yields it.
-        # (In bf16, 2 sigmoid - 1 would lose tanh's relative precision near 0.)
-        self._sigmoid_tanh = cell == "lstm" and gate_dtype == torch.float32
+        # torch's CPU tanh costs 4-7x its sigmoid, so the step computes tanh(x) as
+        # 2 sigmoid(2x) - 1: for an LSTM's c (fp32) always; for the pre-activations that go
+        # through tanh (LSTM's g, GRU's n, RNN's all) when the gates are fp32, by doubling their
+        # rows here. (In bf16, 2 sigmoid - 1 would lose tanh's relative precision near 0.)
+        self._sigmoid_tanh = gate_dtype == torch.float32
         if self._sigmoid_tanh:
-            gscale = torch.ones(4 * H, device=self.device)
-            gscale[2 * H : 3 * H] = 2.0
+            gates = w["weight_hh_l0"].shape[0] // H  # LSTM 4: i, f, g, o; GRU 3: r, z, n; RNN 1
+            gscale = torch.ones(gates * H, device=self.device)
+            tanh_rows = slice(0, H) if cell == "rnn" else slice(2 * H, 3 * H)  # RNN's h, LSTM's g, GRU's n
+            gscale[tanh_rows] = 2.0
             for name in list(w):
                 w[name] = w[name] * (gscale[:, None] if w[name].dim() == 2 else gscale)
         # Layer 0's input projection for every character: (V, E) @ (E, G) -> (V, G), G = gates*H.
@@ -252,7 +254,8 @@ class Sampler:
                 pre = torch.nn.functional.embedding(tok, self.table0) if k == 0 else ih(x)  # (N, 3H)
                 gh = hh(h)  # (N, 3H)
                 rz = torch.sigmoid(pre[:, : 2 * H] + gh[:, : 2 * H])  # (N, 2H): r, z
-                n = torch.tanh(torch.addcmul(pre[:, 2 * H :], rz[:, :H], gh[:, 2 * H :]))
+                n = torch.addcmul(pre[:, 2 * H :], rz[:, :H], gh[:, 2 * H :])  # (N, H)
+                n = torch.sigmoid(n).mul_(2.0).sub_(1.0) if self._sigmoid_tanh else torch.tanh(n)
                 h = self._store(torch.lerp(n.float(), self._load(h), rz[:, H:].float()))  # (1-z)n + zh
                 state[k] = h
                 x = h
@@ -271,8 +274,9 @@ class Sampler:
                     c2.addcmul_(i, torch.tanh(g[:, 2 * H : 3 * H]), value=2.0)
                 h = self._store_lstm(o, torch.sigmoid(c2))
                 state[2 * k], state[2 * k + 1] = h, c2
-            else:
-                h = self._store(torch.tanh(g))
+            else:  # rnn
+                h = torch.sigmoid(g).mul_(2.0).sub_(1.0) if self._sigmoid_tanh else torch.tanh(g)
+                h = self._store(h)
                 state[k] = h
             x = h
         return self.head(x).float()
