@@ -139,6 +139,7 @@ def generate_records(
         if r.prompt.id is not None:
             base["id"] = r.prompt.id
         base |= {"model": model_label, "params": params, "seed": cfg.seed, "stream": r.record}
+        base["precision"] = sampler.precision  # what cfg.precision resolved to on this worker
         if r.prompt.index not in unknown:
             unknown[r.prompt.index] = sampler.vocab.unknown(r.prompt.text)
         bad = unknown[r.prompt.index]

@@ -88,6 +88,8 @@ def run_job(
         "prompts": prompts_url,
         "num_prompts": len(prompts),
         "config": cfg.to_dict(),
+        # what "auto" resolved to on the workers (int8 on VNNI CPUs, bf16 on GPUs, ...)
+        "precisions": sorted({r["precision"] for r in flat}),
         "workers": len(shards),
         "records": len(flat),
         "errors": sum(1 for r in flat if r["error"]),

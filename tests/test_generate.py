@@ -74,6 +74,7 @@ def test_records_identical_across_shards_and_batch_sizes(sampler):
         "params": cfg.sampling_params(),
         "seed": 9,
         "stream": 4,
+        "precision": sampler.precision,
         "sample": None,
         "error": None,
     }
@@ -105,6 +106,8 @@ def test_job_publishes_parts_then_manifest_and_refuses_to_overwrite(tmp_path, sa
     assert seen[-1] == (4, 6)  # progress counts generated streams (the 2 error records need none)
     recs = read_records(out)
     assert [r["record"] for r in recs] == list(range(6)) and read_job(out)["model"] == "tiny"
+    auto = Sampler(sampler.model, sampler.vocab).precision  # what "auto" resolves to here
+    assert m["precisions"] == [auto] and {r["precision"] for r in recs} == {auto}
     one = str(tmp_path / "job1")
     run_job(ck, "tiny", str(prompts), one, cfg, workers=1)
     assert read_records(one) == recs  # same records whatever the number of workers
