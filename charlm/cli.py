@@ -343,9 +343,20 @@ def cmd_train(a: argparse.Namespace) -> dict:
 # sample
 
 
-def _add_sample_flags(p: argparse.ArgumentParser) -> None:
+def add_sample_precision_flag(p: argparse.ArgumentParser) -> None:
+    """--precision for `charlm sample` and `charlm generate`."""
     from charlm.config import SAMPLE_PRECISIONS
 
+    p.add_argument(
+        "--precision",
+        choices=SAMPLE_PRECISIONS,
+        default="auto",
+        help="auto = int8 on a CPU with VNNI/AMX (fastest, within 0.0003 nats/char of fp32: "
+        "docs/benchmarks.md), else bf16 where the hardware has it, else fp32 (default %(default)s)",
+    )
+
+
+def _add_sample_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--prime",
         "--primetext",
@@ -364,13 +375,7 @@ def _add_sample_flags(p: argparse.ArgumentParser) -> None:
         "--seed", type=int, default=0, help="samples are reproducible for a seed (default %(default)s)"
     )
     p.add_argument("--stop", default=None, help="stop a sample when this string appears (it is not printed)")
-    p.add_argument(
-        "--precision",
-        choices=SAMPLE_PRECISIONS,
-        default="auto",
-        help="auto = bf16 where the hardware has it; int8 (CPU) is fastest for many streams, "
-        "within ~0.0001 nats/char of fp32 (docs/benchmarks.md) (default %(default)s)",
-    )
+    add_sample_precision_flag(p)
 
 
 def generate_samples(model, vocab, a: argparse.Namespace, stream: bool) -> tuple[list[dict], str]:

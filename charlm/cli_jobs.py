@@ -126,7 +126,7 @@ def _demo(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    from charlm.config import SAMPLE_PRECISIONS
+    from charlm.cli import add_sample_precision_flag
 
     g = sub.add_parser(
         "generate",
@@ -149,12 +149,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--batch-size", type=int, default=256, help="streams per forward step (default %(default)s)"
     )
-    g.add_argument(
-        "--precision",
-        choices=SAMPLE_PRECISIONS,
-        default="auto",
-        help="as `charlm sample --precision` (default %(default)s)",
-    )
+    add_sample_precision_flag(g)
     g.add_argument("--workers", type=int, default=1, help="Ray actors (default %(default)s: in-process)")
     g.add_argument("--store", default=None, help="store root (default $CHARLM_STORE or ~/.charlm/store)")
     g.add_argument("--json", action="store_true", help="print one JSON object on stdout at the end")

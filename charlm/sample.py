@@ -157,15 +157,15 @@ class Sampler:
         self.cfg = model.config
         if precision not in SAMPLE_PRECISIONS:
             raise ValueError(f"precision must be one of {SAMPLE_PRECISIONS}, got {precision!r}")
+        int8_ok = self.device.type == "cpu" and cpu_has_int8_dot()
         if precision == "int8" and self.device.type != "cpu":
             raise ValueError(f"int8 sampling runs on CPU only (this model is on {self.device.type})")
-        if precision == "int8" and not cpu_has_int8_dot():
+        if precision == "int8" and not int8_ok:
             raise ValueError(
                 "int8 sampling needs a CPU with AVX512-VNNI, AVX-VNNI or AMX (without them int8 "
                 "products can saturate); use precision bf16 or fp32"
             )
-        cpu_int8 = self.device.type == "cpu" and cpu_has_int8_dot() and _fused_int8_available()
-        if precision == "auto" and cpu_int8:
+        if precision == "auto" and int8_ok and _fused_int8_available():
             # within 0.0003 nats/char of fp32 (docs/benchmarks.md), and faster than bf16
             self.precision = "int8"
         else:
@@ -183,12 +183,13 @@ class Sampler:
     def _build(self, batch: int) -> None:
         rnn, L, H, cell = self.model.rnn, self.cfg.num_layers, self.cfg.hidden_size, self.cfg.cell
         int8 = self.dtype == torch.uint8
-        head_w = self.model.head.weight.detach().float()
         gate_dtype = torch.float32 if int8 else self.dtype  # int8 GEMMs return fp32
 
-        def linear(weight: torch.Tensor, bias: torch.Tensor | None) -> _Linear | _Int8Linear:
-            if int8:  # the head is small: _int_mm's lower per-call cost wins there
-                return _Int8Linear(weight, bias, batch, fused=FUSED_INT8 and weight is not head_w)
+        def linear(
+            weight: torch.Tensor, bias: torch.Tensor | None, fused: bool = True
+        ) -> _Linear | _Int8Linear:
+            if int8:
+                return _Int8Linear(weight, bias, batch, fused=FUSED_INT8 and fused)
             return _Linear(weight, bias, gate_dtype, batch)
 
         w = {name: p.detach().float() for name, p in rnn.named_parameters()}
@@ -222,7 +223,8 @@ class Sampler:
                 self.upper.append((linear(wi, bi), linear(wh, bh)))
             else:
                 self.upper.append((linear(torch.cat([wi, wh], 1), bi + bh), None))
-        self.head = linear(head_w, self.model.head.bias.float())
+        # the head is small: _int_mm's lower per-call cost beats oneDNN's fused kernel there
+        self.head = linear(self.model.head.weight.float(), self.model.head.bias.float(), fused=False)
         self._built_for = batch
 
     def _store(self, h: torch.Tensor) -> torch.Tensor:
@@ -236,6 +238,10 @@ class Sampler:
         if self.dtype == torch.uint8:  # 127 h + 128.5, floored by the cast: 127 h + 128 rounded
             return torch.addcmul(self._half_up, o, u.mul_(254.0).sub_(127.0)).to(torch.uint8)
         return torch.addcmul(-o, o, u, value=2.0).to(self.dtype)
+
+    def _tanh(self, x: torch.Tensor) -> torch.Tensor:
+        """tanh of a pre-activation whose rows _build doubled when the gates are fp32."""
+        return torch.sigmoid(x).mul_(2.0).sub_(1.0) if self._sigmoid_tanh else torch.tanh(x)
 
     def _load(self, h: torch.Tensor) -> torch.Tensor:
         """A stored hidden state -> fp32 values."""
@@ -254,8 +260,7 @@ class Sampler:
                 pre = torch.nn.functional.embedding(tok, self.table0) if k == 0 else ih(x)  # (N, 3H)
                 gh = hh(h)  # (N, 3H)
                 rz = torch.sigmoid(pre[:, : 2 * H] + gh[:, : 2 * H])  # (N, 2H): r, z
-                n = torch.addcmul(pre[:, 2 * H :], rz[:, :H], gh[:, 2 * H :])  # (N, H)
-                n = torch.sigmoid(n).mul_(2.0).sub_(1.0) if self._sigmoid_tanh else torch.tanh(n)
+                n = self._tanh(torch.addcmul(pre[:, 2 * H :], rz[:, :H], gh[:, 2 * H :]))  # (N, H)
                 h = self._store(torch.lerp(n.float(), self._load(h), rz[:, H:].float()))  # (1-z)n + zh
                 state[k] = h
                 x = h
@@ -275,8 +280,7 @@ class Sampler:
                 h = self._store_lstm(o, torch.sigmoid(c2))
                 state[2 * k], state[2 * k + 1] = h, c2
             else:  # rnn
-                h = torch.sigmoid(g).mul_(2.0).sub_(1.0) if self._sigmoid_tanh else torch.tanh(g)
-                h = self._store(h)
+                h = self._store(self._tanh(g))
                 state[k] = h
             x = h
         return self.head(x).float()
