@@ -67,7 +67,8 @@ class TrainConfig(_Config):
     characters at the same chars/s) and 32 (fewer chars/s); evaluating a moving average of the
     weights (ema) scored 0.002-0.010 (median 0.004) below the trained weights at the same step;
     with it, dropout 0.2 did better than 0.25, and AdamW at lr 4e-3 and weight decay 0.1 were
-    measured best, by margins within run-to-run noise.
+    measured best, by margins within run-to-run noise. 2x384 and 2x448 get 11 and 9 epochs in the
+    same time but ended behind (2x384 overfit from epoch 9), and 3x400 far behind.
     """
 
     # model
