@@ -138,8 +138,14 @@ def generate_records(
         }
         if r.prompt.id is not None:
             base["id"] = r.prompt.id
-        base |= {"model": model_label, "params": params, "seed": cfg.seed, "stream": r.record}
-        base["precision"] = sampler.precision  # what cfg.precision resolved to on this worker
+        # precision: what cfg.precision ("auto") resolved to on this worker
+        base |= {
+            "model": model_label,
+            "params": params,
+            "seed": cfg.seed,
+            "stream": r.record,
+            "precision": sampler.precision,
+        }
         if r.prompt.index not in unknown:
             unknown[r.prompt.index] = sampler.vocab.unknown(r.prompt.text)
         bad = unknown[r.prompt.index]
