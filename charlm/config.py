@@ -68,7 +68,9 @@ class TrainConfig(_Config):
     weights (ema) scored 0.002-0.010 (median 0.004) below the trained weights at the same step;
     with it, dropout 0.2 did better than 0.25, and AdamW at lr 4e-3 and weight decay 0.1 were
     measured best, by margins within run-to-run noise. 2x384 and 2x448 get 11 and 9 epochs in the
-    same time but ended behind (2x384 overfit from epoch 9), and 3x400 far behind.
+    same time but ended behind (2x384 overfit from epoch 9), and 3x400 far behind; 2x576 (5.8
+    epochs) ended level over three seeds and 2x640 (4.7) behind. Skip connections from both
+    layers to the head and a dropout rising over the run did not beat this either.
     """
 
     # model
