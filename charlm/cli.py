@@ -60,7 +60,7 @@ def resolve_model(ref: str, device: str = "cpu", store: str | None = None):
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
-    from charlm.config import CELLS, OPTIMIZERS, PRECISIONS, SCHEDULES, TrainConfig
+    from charlm.config import CELLS, DEFAULT_WEIGHT_DECAY, OPTIMIZERS, PRECISIONS, SCHEDULES, TrainConfig
 
     d = TrainConfig(max_epochs=1)  # defaults
     m = p.add_argument_group("model")
@@ -151,7 +151,13 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         default=d.lr_decay_after,
         help="step schedule: first decayed epoch (default %(default)s)",
     )
-    o.add_argument("--weight-decay", type=float, default=d.weight_decay, help="(default %(default)s)")
+    o.add_argument(
+        "--weight-decay",
+        type=float,
+        default=None,
+        help="decoupled with adamw, L2 with adam and rmsprop "
+        f"(default {DEFAULT_WEIGHT_DECAY['adamw']} with adamw, 0 with the others)",
+    )
     o.add_argument(
         "--grad-clip", type=float, default=d.grad_clip, help="global gradient-norm clip (default %(default)s)"
     )

@@ -11,7 +11,7 @@ import torch
 import charlm.sample
 from charlm import checkpoint
 from charlm.callbacks import CheckpointFiles, MetricsFile
-from charlm.config import ModelConfig, TrainConfig
+from charlm.config import DEFAULT_WEIGHT_DECAY, ModelConfig, TrainConfig
 from charlm.data import split_ids
 from charlm.model import CharLM
 from charlm.sample import Sampler, sample
@@ -86,6 +86,29 @@ def test_seeded_runs_are_reproducible_and_loss_decreases():
     train(_cfg(seed=4), vocab, splits, callbacks=[c], device="cpu")
     assert c.losses != a.losses
     assert abs(a.losses[1] - math.log(len(vocab))) < 0.3  # starts at ~ ln V
+
+
+def test_weight_decay_defaults_per_optimizer_and_reaches_the_optimizer():
+    from charlm.cli import build_parser, train_config_from_args
+    from charlm.train import make_optimizer
+
+    model = CharLM(ModelConfig(vocab_size=5, hidden_size=8, embed_size=4))
+    for opt, wd in [("adamw", DEFAULT_WEIGHT_DECAY["adamw"]), ("adam", 0.0), ("rmsprop", 0.0)]:
+        cfg = _cfg(optimizer=opt)
+        assert cfg.weight_decay == wd  # resolved, so logged params and run names hold the figure
+        assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+        assert [g["weight_decay"] for g in make_optimizer(cfg, model).param_groups] == [wd]
+    assert DEFAULT_WEIGHT_DECAY["adamw"] > 0
+    assert _cfg(optimizer="rmsprop", weight_decay=0.01).weight_decay == 0.01
+    with pytest.raises(ValueError, match="weight_decay"):
+        _cfg(weight_decay=-0.1)
+    for argv, wd in [
+        ([], DEFAULT_WEIGHT_DECAY["adamw"]),
+        (["--optimizer", "rmsprop"], 0.0),
+        (["--weight-decay", "0"], 0.0),
+    ]:
+        args = build_parser().parse_args(["train", "corpus.txt", "--out", "o", *argv])
+        assert train_config_from_args(args).weight_decay == wd
 
 
 def test_resume_equals_uninterrupted(tmp_path):
