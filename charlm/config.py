@@ -75,7 +75,7 @@ class TrainConfig(_Config):
     ended behind (2x384 overfit from epoch 9), and 3x400 far behind; 2x576 (5.8 epochs) ended
     level over three seeds and 2x640 (4.7) behind. Skip connections from both layers to the head
     and a dropout rising over the run did not beat this either. Then AdamW's weight decay 0.25
-    in place of 0.1 lowered the mean by 0.007 (6 runs against 15, all 6 under 1.40), the first
+    in place of 0.1 lowered the mean by 0.007 (7 runs against 15, all 7 under 1.40), the first
     change clear of that noise; 0.4 ended level with 0.25 but learns slower early.
     """
 
