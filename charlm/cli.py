@@ -155,8 +155,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         "--weight-decay",
         type=float,
         default=None,
-        help="decoupled with adamw, L2 with adam and rmsprop "
-        f"(default {DEFAULT_WEIGHT_DECAY['adamw']} with adamw, 0 with the others)",
+        help="decoupled with adamw, L2 with adam and rmsprop (default "
+        + ", ".join(f"{wd:g} with {opt}" for opt, wd in DEFAULT_WEIGHT_DECAY.items())
+        + ")",
     )
     o.add_argument(
         "--grad-clip", type=float, default=d.grad_clip, help="global gradient-norm clip (default %(default)s)"
