@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import pickle
 import subprocess
 import sys
 
@@ -251,14 +250,16 @@ def test_truncated_checkpoint_error_names_the_file(tmp_path):
 
 def test_tampered_checkpoints_are_refused(tmp_path):
     evil = tmp_path / "evil.pt"
+    trace = tmp_path / "pwned"  # the payload creates this file if it is ever run
 
     class Boom:
         def __reduce__(self):
-            return (print, ("pwned",))
+            return (open, (str(trace), "w"))
 
     torch.save({"schema": checkpoint.SCHEMA, "x": Boom()}, evil)
     with pytest.raises(checkpoint.CheckpointError, match=r"evil\.pt: .*objects other than tensors"):
         checkpoint.load(evil)
+    assert not trace.exists()  # refused before the payload ran, not after
     other = tmp_path / "other.pt"
     torch.save({"weights": torch.zeros(3)}, other)
     with pytest.raises(checkpoint.CheckpointError, match=r"other\.pt: not a charlm checkpoint"):
@@ -279,7 +280,6 @@ def test_tampered_checkpoints_are_refused(tmp_path):
     ck["train_state_dict"] = {k: v for k, v in ck["state_dict"].items() if k != "head.bias"}
     with pytest.raises(checkpoint.CheckpointError, match=r"train_state_dict does not match"):
         checkpoint.validate(ck, "part.pt")
-    assert pickle  # the evil payload above was never executed
 
 
 def test_core_imports_no_frameworks():
