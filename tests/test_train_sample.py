@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -166,8 +167,34 @@ def test_weight_average_is_evaluated_saved_and_kept_apart_from_the_trained_weigh
 def test_epoch_boundaries_reset_state_and_advance_epochs():
     vocab, splits = _data(val=0.3)
     cfg = _cfg(max_epochs=3, max_steps=None, eval_every=1000)
-    res = train(cfg, vocab, splits, device="cpu")
+
+    class StateSpy(Callback):
+        """Sees the state every training batch starts from, by wrapping the trained model's forward."""
+
+        def on_start(self, run):
+            self.calls = []  # (epoch, batch in epoch, state in, state out) per training forward
+            forward = run.model.forward
+
+            def spy(x, state=None):
+                logits, out = forward(x, state)
+                if run.model.training:  # evaluation runs its own stream of states
+                    kept = tuple(t.detach().clone() for t in out)
+                    self.calls.append((run.epoch, run.batch_in_epoch, state, kept))
+                return logits, out
+
+            run.model.forward = spy
+
+    spy = StateSpy()
+    res = train(cfg, vocab, splits, callbacks=[spy], device="cpu")
     assert res["stopped_by"] == "max_epochs" and res["epochs"] >= 3
+    assert sorted({e for e, *_ in spy.calls}) == [0, 1, 2] and spy.calls[0][2] is None
+    for (e0, b0, _, out0), (e1, b1, state1, _) in itertools.pairwise(spy.calls):
+        if e1 == e0:  # within an epoch each batch continues the previous batch's streams
+            assert b1 == b0 + 1 and state1 is not None
+            assert all(torch.equal(a, b) for a, b in zip(state1, out0, strict=True)), (e1, b1)
+        else:  # a new epoch's streams start at another offset: the carried state must not leak in
+            assert (e1, b1) == (e0 + 1, 0)
+            assert state1 is None or not any(t.any() for t in state1), e1
 
 
 def test_nan_aborts_with_clear_error_and_keeps_last_good_checkpoint(tmp_path):
