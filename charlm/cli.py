@@ -191,7 +191,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         "--precision",
         choices=PRECISIONS,
         default=d.precision,
-        help="auto = bf16 where the hardware runs it natively (default %(default)s)",
+        help="auto = bf16 where the hardware runs it natively, else fp32; `charlm info` lists what "
+        "runs here (default %(default)s)",
     )
     e.add_argument("--seed", type=int, default=d.seed, help="(default %(default)s)")
     e.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default %(default)s)")
@@ -270,10 +271,25 @@ def run_local_training(
     return summary
 
 
+def check_train_precision(precision: str, device: str, distributed: bool, use_gpu: bool | None) -> None:
+    """Refuse, before any work, a --precision that the device the run will use cannot train
+    natively. A distributed run is checked here when its workers are this machine's CPU (local
+    Ray without --gpu and without a GPU here); elsewhere each worker's train() refuses it first."""
+    from charlm import capability
+    from charlm.train import pick_device
+
+    if distributed:
+        if os.environ.get("RAY_ADDRESS") or use_gpu or (use_gpu is None and pick_device().type != "cpu"):
+            return
+        device = "cpu"
+    capability.resolve(precision, pick_device() if device == "auto" else device, "train")
+
+
 def cmd_train(a: argparse.Namespace) -> dict:
     cfg = train_config_from_args(a)
     quiet = a.json and not sys.stderr.isatty()
     distributed = a.workers is not None or a.out is None
+    check_train_precision(cfg.precision, a.device, distributed, a.gpu)
     if distributed and a.out is not None:
         raise CLIError("--out is for a local run; with --workers the run lives in <store>/runs/<run name>")
     if not distributed:  # checked before MLflow opens a run that would only end FAILED
@@ -358,8 +374,9 @@ def add_sample_precision_flag(p: argparse.ArgumentParser) -> None:
         "--precision",
         choices=SAMPLE_PRECISIONS,
         default="auto",
-        help="auto = int8 on a CPU with VNNI/AMX (fastest, within 0.0003 nats/char of fp32: "
-        "docs/benchmarks.md), else bf16 where the hardware has it, else fp32 (default %(default)s)",
+        help="auto = int8 on an x86 CPU (fastest: oneDNN with VNNI/AMX, fbgemm with 7-bit inputs on "
+        "AVX2; docs/benchmarks.md), else bf16 where the hardware has it, else fp32; `charlm info` "
+        "lists what runs here (default %(default)s)",
     )
 
 
@@ -421,6 +438,9 @@ def generate_samples(model, vocab, a: argparse.Namespace, stream: bool) -> tuple
 
 
 def cmd_sample(a: argparse.Namespace) -> dict:
+    from charlm import capability
+
+    capability.resolve(a.precision, "cpu", "sample")  # before the model is fetched
     model, vocab, ck, label = resolve_model(a.model, store=a.store)
     samples, precision = generate_samples(model, vocab, a, stream=not a.json)
     return {
@@ -433,6 +453,75 @@ def cmd_sample(a: argparse.Namespace) -> dict:
         "precision": precision,
         "samples": samples,
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# info
+
+
+def _version(dist: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def cmd_info(a: argparse.Namespace) -> dict:
+    """What to paste into a bug report: the machine, the precisions it runs, the versions and
+    where the store, MLflow and Ray are. Changes nothing (no folder is created)."""
+    from charlm import capability
+
+    info: dict[str, Any] = {"charlm": __version__, **capability.report()}
+    info["versions"] = {
+        d: _version(d) for d in ("torch", "ray", "prefect", "mlflow", "fsspec", "s3fs", "numpy")
+    }
+    try:
+        from charlm import storage
+
+        info["store"] = storage.store_root(a.store)
+    except ModuleNotFoundError:  # the storage extra is not installed
+        info["store"] = a.store or os.environ.get("CHARLM_STORE")
+    try:
+        from charlm.tracking import resolve_tracking_uri
+
+        info["tracking_uri"] = resolve_tracking_uri(None, a.store, create=False)
+    except ModuleNotFoundError:
+        info["tracking_uri"] = os.environ.get("MLFLOW_TRACKING_URI")
+    info["ray_address"] = os.environ.get("RAY_ADDRESS") or "local (started in-process)"
+    if not a.json:
+        _print_info(info)
+    return info
+
+
+def _print_info(info: dict[str, Any]) -> None:
+    flags = ", ".join(info["cpu_flags"]) or "none of the tracked ones"
+    lines = [
+        f"charlm {info['charlm']}",
+        f"cpu:          {info['cpu']} ({info['threads']} threads; flags: {flags})",
+        f"cpu kernels:  ATen {info['aten_cpu_capability']}"
+        + (f"; capped by {info['isa_caps']}" if info["isa_caps"] else ""),
+    ]
+    if info.get("gpu"):
+        lines.append(f"gpu:          {info['gpu']} (CUDA {info['cuda']})")
+    for dev, caps in info["capabilities"].items():
+        lines.append(
+            f"{dev + ':':<13} train {', '.join(caps['train'])} (auto {caps['auto']['train']}); "
+            f"sample {', '.join(caps['sample'])} (auto {caps['auto']['sample']}"
+            + (f", int8 kernel {caps['int8_kernel']}" if caps["int8_kernel"] else "")
+            + ")"
+        )
+        for prec, why in caps["missing"].items():
+            lines.append(f"{'':13} no {prec}: {why}")
+    vers = ", ".join(f"{k} {v or 'not installed'}" for k, v in info["versions"].items())
+    lines += [
+        f"versions:     {vers}",
+        f"store:        {info['store']}",
+        f"tracking uri: {info['tracking_uri']}",
+        f"ray address:  {info['ray_address']}",
+    ]
+    print("\n".join(lines))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -522,6 +611,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--store", default=None, help="store root for run-folder and dataset references")
     _add_sample_flags(s)
     s.set_defaults(func=cmd_sample)
+
+    i = sub.add_parser(
+        "info",
+        help="this machine: CPU/GPU, the precisions it runs natively, versions, store, MLflow, Ray",
+        description="Print what a bug report needs: the CPU (model, flags, caps), the precisions that "
+        "train and sample natively here (found by running each once), the versions of torch, ray, "
+        "prefect and mlflow, the store, the tracking URI and the Ray address.",
+    )
+    i.add_argument("--store", default=None, help="store root (default $CHARLM_STORE or ~/.charlm/store)")
+    i.set_defaults(func=cmd_info)
 
     for module in ("charlm.cli_datasets", "charlm.cli_models", "charlm.cli_jobs"):
         try:

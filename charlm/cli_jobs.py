@@ -4,14 +4,21 @@ flows (flows/generate.py, flows/pipeline.py)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
 
 def _generate(a: argparse.Namespace) -> dict[str, Any]:
+    from charlm import capability
     from charlm.generate import GenerateConfig
     from flows.generate import generate
 
+    if a.workers <= 1 or not os.environ.get("RAY_ADDRESS"):
+        # the job runs on this machine: in-process on its CPU, or on local Ray actors (a GPU each
+        # where it has them); on a cluster each actor's Sampler refuses it first
+        gpu = a.workers > 1 and capability.torch.cuda.is_available()
+        capability.resolve(a.precision, "cuda" if gpu else "cpu", "sample")
     cfg = GenerateConfig(
         num_samples=a.num_samples,
         length=a.length,

@@ -28,9 +28,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from charlm import capability
 from charlm.config import SAMPLE_PRECISIONS
 from charlm.model import CharLM
-from charlm.train import resolve_precision
 from charlm.vocab import Vocab
 
 _M32 = 0xFFFFFFFF
@@ -71,24 +71,32 @@ class _Linear:
 
 
 FUSED_INT8 = True  # use oneDNN's fused quantized linear where torch has it (tests turn it off)
+ACT7 = 63.5  # fbgemm-avx2: a hidden state h in [-1, 1] is held as round(63.5 h) + 64, 7 bits
 
 
-def cpu_has_int8_dot() -> bool:
-    """Whether this CPU has 8-bit dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX). Without
-    them oneDNN sums pairs of u8 x s8 products in int16, which can saturate (oneDNN's "Nuances of
-    int8 computations"), so the sampler runs int8 only where they exist."""
-    try:
-        caps = torch.cpu.get_capabilities()
-    except (AttributeError, RuntimeError):
-        return False
-    return any(caps.get(k, False) for k in ("avx512_vnni", "avx_vnni", "amx_int8"))
+class _Fbgemm7Linear:
+    """y = x @ W^T + b through fbgemm's int8 GEMM, for CPUs without 8-bit dot products (AVX2).
 
+    AVX2's vpmaddubsw sums each pair of u8 x s8 products in int16, which saturates for 8-bit
+    inputs (2 x 255 x 127 > 32767). Here the input x in [-1, 1] is quantized inside the op at a
+    fixed scale to 7 bits, q = round(63.5 x) + 64 in [0, 128], so a pair is at most
+    2 x 128 x 127 = 32512 and every int32 sum is exact (capability._fbgemm_int8_exact checks
+    this). W is int8 with one scale per output row. x and the result are fp32 (N, K) -> (N, out);
+    the quantization is per element at a fixed scale, so a row's result depends on that row only.
+    """
 
-def _fused_int8_available() -> bool:
-    try:
-        return FUSED_INT8 and callable(torch.ops.onednn.qlinear_prepack)
-    except (AttributeError, RuntimeError):
-        return False
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        w = weight.detach().float()  # (out, K)
+        row_max = w.abs().amax(1)
+        w_scale = torch.where(row_max > 0, row_max / 127.0, torch.ones_like(row_max))  # (out,)
+        wq = torch.round(w / w_scale[:, None]).clamp_(-127, 127).to(torch.int8)
+        b = bias.detach().float().contiguous() if bias is not None else None
+        self.packed = capability.fbgemm_linear_prepack(wq, w_scale, b)
+
+    def __call__(self, x: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (N, K) fp32 in [-1, 1]; base: (N, out) fp32 to add (in place), or None."""
+        y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x, 1.0 / ACT7, 64, self.packed)
+        return y if base is None else base.add_(y)
 
 
 class _Int8Linear:
@@ -137,6 +145,9 @@ class _Int8Linear:
         return torch.addcmul(base, acc, self.scale) if base is not None else acc * self.scale
 
 
+Linear = _Linear | _Int8Linear | _Fbgemm7Linear
+
+
 class Sampler:
     """Prepared, read-only view of a model for fast generation. Reuse it across calls."""
 
@@ -148,7 +159,11 @@ class Sampler:
         precision: str = "auto",
         device: torch.device | str | None = None,
         max_batch: int = 256,
+        int8_kernel: str | None = None,
     ) -> None:
+        """precision: auto | fp32 | bf16 | int8 (capability.resolve: auto is the fastest native
+        one). int8_kernel: None for the fastest exact one here, or one of
+        capability.probe().int8_kernels (benchmarks and tests compare them)."""
         if model.config.vocab_size != len(vocab):
             raise ValueError(f"model has {model.config.vocab_size} outputs, vocab {len(vocab)} characters")
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -157,21 +172,19 @@ class Sampler:
         self.cfg = model.config
         if precision not in SAMPLE_PRECISIONS:
             raise ValueError(f"precision must be one of {SAMPLE_PRECISIONS}, got {precision!r}")
-        int8_ok = self.device.type == "cpu" and cpu_has_int8_dot()
-        if precision == "int8" and self.device.type != "cpu":
-            raise ValueError(f"int8 sampling runs on CPU only (this model is on {self.device.type})")
-        if precision == "int8" and not int8_ok:
-            raise ValueError(
-                "int8 sampling needs a CPU with AVX512-VNNI, AVX-VNNI or AMX (without them int8 "
-                "products can saturate); use precision bf16 or fp32"
+        # refuses, in one line, a precision this device does not run natively
+        self.precision = capability.resolve(precision, self.device, "sample")
+        kernels = capability.probe(str(self.device)).int8_kernels
+        if int8_kernel is not None and self.precision == "int8" and int8_kernel not in kernels:
+            raise capability.PrecisionUnavailable(
+                f"int8 kernel {int8_kernel} is not exact on this CPU; exact here: {', '.join(kernels)}"
             )
-        if precision == "auto" and int8_ok and _fused_int8_available():
-            # within 0.0003 nats/char of fp32 (docs/benchmarks.md), and faster than bf16
-            self.precision = "int8"
-        else:
-            self.precision = resolve_precision(precision, self.device)
+        # "onednn-vnni" holds hidden states as uint8 for oneDNN; "fbgemm-avx2" takes them fp32
+        self.int8_kernel = (int8_kernel or kernels[0]) if self.precision == "int8" else None
         # dtype of the hidden states, which are the GEMM inputs; int8 holds them as uint8 127 h + 128
         self.dtype = {"bf16": torch.bfloat16, "int8": torch.uint8}.get(self.precision, torch.float32)
+        if self.int8_kernel == "fbgemm-avx2":
+            self.dtype = torch.float32
         self._half_up = torch.tensor(128.5, device=self.device)
         self._built_for: int | None = None
         self._build(max_batch)
@@ -185,11 +198,13 @@ class Sampler:
         int8 = self.dtype == torch.uint8
         gate_dtype = torch.float32 if int8 else self.dtype  # int8 GEMMs return fp32
 
-        def linear(
-            weight: torch.Tensor, bias: torch.Tensor | None, fused: bool = True
-        ) -> _Linear | _Int8Linear:
+        def linear(weight: torch.Tensor, bias: torch.Tensor | None, head: bool = False) -> Linear:
             if int8:
-                return _Int8Linear(weight, bias, batch, fused=FUSED_INT8 and fused)
+                # the head is small: _int_mm's lower per-call cost beats oneDNN's fused kernel there
+                return _Int8Linear(weight, bias, batch, fused=FUSED_INT8 and not head)
+            if self.int8_kernel == "fbgemm-avx2" and not head:
+                # the head stays fp32: it is ~1% of the work, and the logits keep full precision
+                return _Fbgemm7Linear(weight, bias)
             return _Linear(weight, bias, gate_dtype, batch)
 
         w = {name: p.detach().float() for name, p in rnn.named_parameters()}
@@ -216,15 +231,14 @@ class Sampler:
         self.table0 = table.to(gate_dtype)
         # Upper layers: LSTM/RNN run [x, h] @ [W_ih; W_hh]^T as one GEMM (K = 2H); GRU needs
         # the two products apart (r gates only the recurrent part of n).
-        self.upper: list[tuple[_Linear | _Int8Linear, _Linear | _Int8Linear | None]] = []
+        self.upper: list[tuple[Linear, Linear | None]] = []
         for k in range(1, L):
             wi, wh, bi, bh = (w[f"{n}_l{k}"] for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
             if cell == "gru":
                 self.upper.append((linear(wi, bi), linear(wh, bh)))
             else:
                 self.upper.append((linear(torch.cat([wi, wh], 1), bi + bh), None))
-        # the head is small: _int_mm's lower per-call cost beats oneDNN's fused kernel there
-        self.head = linear(self.model.head.weight.float(), self.model.head.bias.float(), fused=False)
+        self.head = linear(self.model.head.weight.float(), self.model.head.bias.float(), head=True)
         self._built_for = batch
 
     def _store(self, h: torch.Tensor) -> torch.Tensor:

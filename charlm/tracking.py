@@ -152,9 +152,12 @@ def _str(v: Any) -> str:
 
 
 # -- where MLflow lives -------------------------------------------------------------------------------
-def resolve_tracking_uri(tracking_uri: str | None = None, store: str | None = None) -> str:
+def resolve_tracking_uri(
+    tracking_uri: str | None = None, store: str | None = None, create: bool = True
+) -> str:
     """The tracking URI to use: the argument, $MLFLOW_TRACKING_URI, else a sqlite file beside the
-    store (the store folder itself when local; ~/.charlm/mlflow/<hash of the store URL>.db else)."""
+    store (the store folder itself when local; ~/.charlm/mlflow/<hash of the store URL>.db else),
+    whose folder is created unless `create` is False."""
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
@@ -165,7 +168,8 @@ def resolve_tracking_uri(tracking_uri: str | None = None, store: str | None = No
     else:
         digest = hashlib.sha256(root.encode()).hexdigest()[:16]
         db = os.path.join(os.path.expanduser("~/.charlm/mlflow"), f"{digest}.db")
-    os.makedirs(os.path.dirname(db), exist_ok=True)
+    if create:
+        os.makedirs(os.path.dirname(db), exist_ok=True)
     return "sqlite:///" + db
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from charlm import capability
 from charlm import checkpoint as ckpt_mod
 from charlm.config import ModelConfig, TrainConfig
 from charlm.data import StreamBatcher, check_sizes
@@ -35,18 +36,10 @@ def pick_device() -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device | str) -> str:
-    """'auto' -> bf16 where the hardware runs it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX)."""
-    if precision != "auto":
-        return precision
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    if dev.type == "cpu":
-        try:
-            return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
-        except (AttributeError, RuntimeError):
-            return "fp32"
-    return "fp32"
+    """'auto' -> bf16 where the device trains it natively (CUDA with bf16, CPUs with AVX512-BF16
+    or AMX), else fp32; an explicit precision the device cannot train natively is refused in one
+    line (capability.PrecisionUnavailable) before any work starts."""
+    return capability.resolve(precision, device, "train")
 
 
 def autocast_ctx(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
