@@ -109,7 +109,11 @@ def test_sample_streams_one_sample_to_stdout(tmp_path, corpus, capsys):
     capsys.readouterr()
     assert main(["sample", str(out), "--prime", "or not", "--length", "25", "--seed", "1"]) == 0
     printed = capsys.readouterr().out
-    assert printed.startswith("or not") and len(printed.rstrip("\n")) >= 6 + 1
+    # the prime, exactly --length characters (no --stop to cut them short), one newline
+    assert printed.startswith("or not") and printed.endswith("\n") and len(printed) == 6 + 25 + 1
+    as_json = ["sample", str(out), "--prime", "or not", "--length", "25", "--seed", "1", "--json"]
+    assert main(as_json) == 0
+    assert printed == "or not" + _json(capsys)["samples"][0]["text"] + "\n"  # what was streamed
 
 
 def test_resume_refuses_to_overwrite_and_continues(tmp_path, corpus, capsys):
