@@ -1,10 +1,12 @@
 """Sampling fidelity: the val loss a checkpoint scores through the Sampler's step at each precision.
 
 Generation never runs the model's fused forward: it runs charlm.sample.Sampler's per-step path,
-in fp32, bf16 or int8. This scores the val split (the last --val fraction of CORPUS, nanoGPT's
-split) teacher-forced through that path, as --streams streams that each carry their state through
-one contiguous slice, and through the model's own fp32 forward on the same slices. A precision
-that changes what the model would generate shows up as a higher loss.
+in fp32, bf16 or int8 (through each exact int8 kernel this CPU has: oneDNN with VNNI/AMX,
+fbgemm with 7-bit inputs on AVX2 and up). This scores the val split (the last --val fraction of
+CORPUS, nanoGPT's split) teacher-forced through that path (Sampler.score), as --streams streams
+that each carry their state through one contiguous slice, and through the model's own fp32
+forward on the same slices. A precision that changes what the model would generate shows up as
+a higher loss. Run it capped at AVX2 (env from charlm.capability.CAPS) for the AVX2 kernels.
 
     python bench/sample_fidelity.py CHECKPOINT CORPUS [--val 0.1 --streams 100]
 Prints one JSON object: nats/char per path and each precision's difference from fp32.
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from charlm import capability
 from charlm.checkpoint import load_model
 from charlm.sample import Sampler
 
@@ -41,20 +44,20 @@ def main() -> None:
     logits, _ = model(x)  # (B, T, V): the fused forward, fp32
     nll = {"model_forward_fp32": torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten()).item()}
     seconds = {}
-    for precision in ("fp32", "bf16", "int8"):
-        sampler = Sampler(model, vocab, precision=precision, max_batch=B)
-        state = sampler._zero_state(B)
-        total = 0.0
+    caps = capability.probe("cpu")
+    # every precision this CPU samples natively, and int8 through each exact kernel it has
+    variants = [(p, None) for p in caps.sample if p != "int8"] + [("int8", k) for k in caps.int8_kernels]
+    for precision, kernel in variants:
+        name = f"{precision}_{kernel}" if kernel else precision
+        sampler = Sampler(model, vocab, precision=precision, int8_kernel=kernel, max_batch=B)
         t0 = time.perf_counter()
-        for t in range(T):
-            step_logits = sampler._step(x[:, t], state)  # (B, V) fp32
-            total += torch.nn.functional.cross_entropy(step_logits, y[:, t], reduction="sum").item()
-        seconds[precision] = round(time.perf_counter() - t0, 1)
-        nll[f"sampler_{precision}"] = total / (B * T)
+        nll[f"sampler_{name}"] = sampler.score(x, y)
+        seconds[name] = round(time.perf_counter() - t0, 1)
     print(
         json.dumps(
             {
                 "bench": "sample_fidelity",
+                "machine": capability.machine_info(),
                 "checkpoint": args.checkpoint,
                 "characters_scored": B * T,
                 "streams": B,

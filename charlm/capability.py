@@ -142,10 +142,12 @@ def _cpu_bf16_runs() -> bool:
     try:
         if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
             return False
-        lstm = torch.nn.LSTM(8, 8)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out, _ = lstm(torch.randn(3, 2, 8))  # (T, B, H)
-        out.float().sum().backward()
+        # the probe may first run inside a caller's no_grad or inference_mode
+        with torch.inference_mode(False), torch.enable_grad():
+            lstm = torch.nn.LSTM(8, 8)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out, _ = lstm(torch.randn(3, 2, 8))  # (T, B, H)
+            out.float().sum().backward()
         return out.dtype == torch.bfloat16 and lstm.weight_hh_l0.grad is not None
     except (AttributeError, RuntimeError, NotImplementedError):
         return False
@@ -209,9 +211,13 @@ def _fbgemm_int8_exact() -> bool:
 _BF16_MISSING_CPU = "no native bf16 on this CPU (needs AVX512-BF16 or AMX; oneDNN refuses bf16 LSTMs here)"
 
 
-@functools.cache
-def probe(device: str = "cpu") -> Capabilities:
+def probe(device: torch.device | str = "cpu") -> Capabilities:
     """The precisions `device` ('cpu', 'cuda', 'cuda:1', ...) runs natively. Cached per device."""
+    return _probe(str(torch.device(device)))
+
+
+@functools.cache
+def _probe(device: str) -> Capabilities:
     dev = torch.device(device)
     missing: dict[str, str] = {}
     if dev.type == "cuda":
@@ -250,7 +256,7 @@ def resolve(precision: str, device: torch.device | str, stage: str) -> str:
     """'auto' -> the best native precision for `stage` ('train' or 'sample') on `device`; an
     explicit one is returned if it runs natively there, else PrecisionUnavailable in one line."""
     dev = torch.device(device)
-    caps = probe(str(dev))
+    caps = probe(dev)
     if stage not in ("train", "sample"):
         raise ValueError(f"stage must be 'train' or 'sample', got {stage!r}")
     if precision == "auto":

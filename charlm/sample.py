@@ -27,6 +27,7 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from charlm import capability
 from charlm.config import SAMPLE_PRECISIONS
@@ -174,7 +175,7 @@ class Sampler:
             raise ValueError(f"precision must be one of {SAMPLE_PRECISIONS}, got {precision!r}")
         # refuses, in one line, a precision this device does not run natively
         self.precision = capability.resolve(precision, self.device, "sample")
-        kernels = capability.probe(str(self.device)).int8_kernels
+        kernels = capability.probe(self.device).int8_kernels
         if int8_kernel is not None and self.precision == "int8" and int8_kernel not in kernels:
             raise capability.PrecisionUnavailable(
                 f"int8 kernel {int8_kernel} is not exact on this CPU; exact here: {', '.join(kernels)}"
@@ -298,6 +299,21 @@ class Sampler:
                 state[k] = h
             x = h
         return self.head(x).float()
+
+    @torch.no_grad()
+    def score(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """Mean nats/char of targets y (B, T) given inputs x (B, T), teacher-forced through the
+        step path generation runs (each of the B streams carries its state along its row): how
+        far this precision moves what the model would generate."""
+        B, T = x.shape
+        if (self._built_for or 0) < B:
+            self._build(B)
+        state = self._zero_state(B)
+        total = torch.zeros((), dtype=torch.float64)
+        for t in range(T):
+            logits = self._step(x[:, t].to(self.device), state)  # (B, V) fp32
+            total += F.cross_entropy(logits, y[:, t].to(self.device), reduction="sum").double().cpu()
+        return float(total) / (B * T)
 
     def _zero_state(self, n: int) -> list[torch.Tensor]:
         """Per layer: h (N, H) in the GEMM input dtype, and for LSTM 2c (N, H) fp32."""

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from charlm import capability
 from charlm.config import ModelConfig
 from charlm.generate import (
     GenerateConfig,
@@ -24,6 +25,9 @@ from charlm.vocab import Vocab
 
 @pytest.fixture(scope="module", params=["bf16", "int8"])
 def sampler(request):
+    caps = capability.probe("cpu")
+    if request.param not in caps.sample:
+        pytest.skip(f"{request.param}: {caps.missing[request.param]}")
     vocab = Vocab.from_text("abcdefghijklmnopqrstuvwxyz .,\n")
     torch.manual_seed(0)
     model = CharLM(ModelConfig(len(vocab), "lstm", 2, 32, 8, 0.0))
