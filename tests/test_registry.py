@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from charlm import tracking as trk
+from charlm.vocab import UnknownCharactersError
 
 pytest_plugins = ["mlflow_fixtures"]
 pytest.register_assert_rewrite("mlflow_fixtures")
@@ -142,7 +143,7 @@ def test_champion_predicts_what_charlm_sample_prints(reg):
     assert len(set(got)) == 4 and all(len(t) == 80 for t in got)
     frame = model.predict(pd.DataFrame({"prompt": ["Th"]}), params={**params, "num_samples": 1})
     assert list(frame) == [got[0]]
-    with pytest.raises(Exception, match="outside the vocabulary"):
+    with pytest.raises(UnknownCharactersError, match=r"outside the vocabulary: 'Ω' \(U\+03A9\)"):
         model.predict(["Ω"], params=params)
 
     import torch
@@ -172,7 +173,7 @@ def test_model_refs_accept_store_urls_and_runs(reg, s3_bucket):
         assert ck["step"] == 80 and label == ref
     run_ref = f"runs:/{better['mlflow']['run_id']}/{trk.MODEL_ARTIFACT}"
     assert trk.resolve_model_ref(run_ref, tracking_uri=reg["uri"])[2]["step"] == 80
-    with pytest.raises(Exception, match=r"no such checkpoint|not found"):
+    with pytest.raises(storage.ObjectNotFoundError, match=r"runs/missing\.pt: .*not found"):
         trk.resolve_model_ref(f"{s3_bucket}/runs/missing.pt", tracking_uri=reg["uri"])
 
 
