@@ -5,13 +5,18 @@ All three run charlm's one training loop (`charlm.train.train`) on the same rand
   plain   train() in this process, batch G, all cores' threads
   ray_1   one Ray worker, batch G, all cores
   ray_2   two Ray workers (gloo DDP), batch G/2 each = global G, cores split between them
-Throughput is timed per step by a callback inside the loop after --warmup steps (evaluation and
-Ray's start-up excluded), so it is comparable with bench/train_throughput.py. The start-up cost
-is the wall time of a fit minus the time its steps and evaluations took: measured on a tiny model
-(2 steps) for 1 and 2 workers, with the Ray session already up; ray.init itself is reported apart.
+All three are timed the same way, as bench/train_throughput.py times its two sides: wall clock
+over whole optimizer steps, from the end of step --warmup to the end of step --warmup + --steps,
+read by a callback at the loop's step boundaries (on rank 0 in DDP). Everything a step does is
+inside the window, the per-step collectives of DDP included: the gradients' all-reduce, the stop
+check's all-reduce on every step and the loss's on every logged one. Evaluation and Ray's
+start-up are outside it. The start-up cost is the wall time of a fit minus the time its steps
+and evaluations took: measured on a tiny model (2 steps) for 1 and 2 workers, with the Ray
+session already up; ray.init itself is reported apart.
 
     python bench/ray_scaling.py [--hidden-size 512 --num-layers 2 --global-batch 64 --seq-len 100]
-Prints one JSON object.
+Prints one JSON object, with where it ran (`machine`: the driver's; each variant's torch threads
+beside it).
 """
 
 from __future__ import annotations
@@ -19,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -28,34 +32,56 @@ from functools import partial
 import numpy as np
 import torch
 
+from charlm import capability
 from charlm.config import TrainConfig
-from charlm.train import Callback, train
+from charlm.train import Callback, Run, train
 
 V = 65
 
 
-class StepTimer(Callback):
-    """Seconds of every step after `warmup` (log_every=1: one on_log per step); written to `path`
-    on rank 0 at the end when given (the Ray workers' way back)."""
+class StepClock(Callback):
+    """Wall clock at charlm's step boundaries, from the end of step `warmup` to the end of step
+    `warmup + steps`, where it stops the run; written to `path` on rank 0 at the end when given
+    (the Ray workers' way back).
 
-    def __init__(self, warmup: int, path: str | None = None) -> None:
-        self.warmup, self.path, self.seconds, self.steps = warmup, path, 0.0, 0
+    train() asks should_stop once per step, after the whole step (update, logging and its
+    all-reduce), so two calls enclose exactly one iteration of its loop, the stop check's own
+    all-reduce included. Every rank stops at the same step, so the ranks agree. The run's
+    max_steps must lie beyond the last timed step: train() checks max_steps before it asks the
+    callbacks."""
 
-    def on_log(self, run, metrics) -> None:
-        if metrics["step"] > self.warmup:
-            self.seconds += run.chars_per_step / metrics["chars_per_s"]
-            self.steps += 1
+    def __init__(self, warmup: int, steps: int, path: str | None = None) -> None:
+        self.warmup, self.steps, self.path = warmup, steps, path
+        self.t0 = self.t1 = 0.0
 
-    def on_end(self, run, result) -> None:
+    def should_stop(self, run: Run) -> bool:
+        if run.step == self.warmup:
+            self.t0 = time.perf_counter()
+        elif run.step == self.warmup + self.steps:
+            self.t1 = time.perf_counter()
+            return True
+        return False
+
+    @property
+    def seconds(self) -> float:
+        return self.t1 - self.t0
+
+    def on_end(self, run: Run, result: dict) -> None:
         if self.path and run.dist.rank == 0:
             with open(self.path, "w") as f:
                 json.dump(
-                    {"seconds": self.seconds, "steps": self.steps, "chars_per_step": run.chars_per_step}, f
+                    {
+                        "seconds": self.seconds,
+                        "steps": self.steps,
+                        "chars_per_step": run.chars_per_step,
+                        "threads": torch.get_num_threads(),
+                    },
+                    f,
                 )
 
 
-def _timer_factory(warmup: int, path: str, rank: int, world: int) -> list:
-    return [StepTimer(warmup, path)]
+def _clock_factory(warmup: int, steps: int, path: str, rank: int, world: int) -> list:
+    return [StepClock(warmup, steps, path)]
 
 
 def make_corpus(path: str, n: int) -> None:
@@ -75,10 +101,9 @@ def config(args, batch: int, steps: int) -> TrainConfig:
         optimizer="adam",
         batch_size=batch,
         seq_len=args.seq_len,
-        max_steps=steps,
+        max_steps=steps + 1,  # never reached: StepClock stops the run at step `steps`
         eval_every=10**9,
         eval_max_batches=1,
-        log_every=1,
         precision=args.precision,
         val_frac=0.1,
         test_frac=0.0,
@@ -90,9 +115,9 @@ def plain(args, corpus: str) -> float:
 
     cfg = config(args, args.global_batch, args.warmup + args.steps)
     vocab, splits, fp, label = load_training_data(corpus, cfg.val_frac, cfg.test_frac)
-    timer = StepTimer(args.warmup)
-    train(cfg, vocab, splits, callbacks=[timer], device="cpu", corpus_fingerprint=fp, corpus_name=label)
-    return args.global_batch * args.seq_len * timer.steps / timer.seconds
+    clock = StepClock(args.warmup, args.steps)
+    train(cfg, vocab, splits, callbacks=[clock], device="cpu", corpus_fingerprint=fp, corpus_name=label)
+    return args.global_batch * args.seq_len * args.steps / clock.seconds
 
 
 def ray_run(args, corpus: str, store: str, workers: int, tag: str) -> dict:
@@ -108,7 +133,7 @@ def ray_run(args, corpus: str, store: str, workers: int, tag: str) -> dict:
         use_gpu=False,
         run_name=f"bench-{tag}",
         max_failures=0,
-        rank_callbacks=partial(_timer_factory, args.warmup, out),
+        rank_callbacks=partial(_clock_factory, args.warmup, args.steps, out),
     )
     with open(out) as f:
         t = json.load(f)
@@ -116,6 +141,7 @@ def ray_run(args, corpus: str, store: str, workers: int, tag: str) -> dict:
         "chars_per_s": t["chars_per_step"] * t["steps"] / t["seconds"],
         "workers_chars_per_s": summary["workers_chars_per_s"],
         "fit_seconds": summary["fit_seconds"],
+        "threads": t["threads"],
     }
 
 
@@ -142,46 +168,56 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--startup-fits", type=int, default=2, help="tiny fits per worker count (best is kept)")
+    p.add_argument("--settle", type=float, default=10.0, help="seconds to wait after ray.init")
     args = p.parse_args()
     if args.global_batch % 2:
         p.error("--global-batch must be even (it is split over 2 workers)")
+    if args.warmup < 1 or args.steps < 1 or args.rounds < 1 or args.startup_fits < 1:
+        p.error("--warmup, --steps, --rounds and --startup-fits must be at least 1")
 
     from charlm.distributed import ensure_ray
 
     work = tempfile.mkdtemp(prefix="charlm-bench-ray-")
     corpus = os.path.join(work, "corpus.txt")
-    make_corpus(corpus, int(args.global_batch * args.seq_len * (args.warmup + args.steps + 12) / 0.85))
+    # enough for the timed runs' train and val splits, and at least the start-up fits' (5% val)
+    need = int(args.global_batch * args.seq_len * (args.warmup + args.steps + 12) / 0.85)
+    make_corpus(corpus, max(need, 10_000))
     t0 = time.perf_counter()
     ensure_ray()
     ray_init_s = time.perf_counter() - t0
-    time.sleep(10)  # Ray pre-starts idle worker processes after init: let their imports finish
+    time.sleep(args.settle)  # Ray pre-starts idle worker processes after init: let their imports finish
 
     results: dict[str, list] = {"plain": [], "ray_1": [], "ray_2": []}
     per_worker: list = []
+    threads = {"plain": torch.get_num_threads()}
     for r in range(args.rounds):  # alternate so that drift on a shared machine hits all alike
         results["plain"].append(plain(args, corpus))
-        results["ray_1"].append(
-            ray_run(args, corpus, os.path.join(work, "store"), 1, f"1-{r}")["chars_per_s"]
-        )
+        one = ray_run(args, corpus, os.path.join(work, "store"), 1, f"1-{r}")
+        results["ray_1"].append(one["chars_per_s"])
         two = ray_run(args, corpus, os.path.join(work, "store"), 2, f"2-{r}")
         results["ray_2"].append(two["chars_per_s"])
         per_worker.append(two["workers_chars_per_s"])
+        threads["ray_1"], threads["ray_2"] = one["threads"], two["threads"]
     starts = {
-        f"{w}_workers": [startup(args, corpus, os.path.join(work, "store"), w, f"{w}-{i}") for i in range(2)]
+        f"{w}_workers": [
+            startup(args, corpus, os.path.join(work, "store"), w, f"{w}-{i}")
+            for i in range(args.startup_fits)
+        ]
         for w in (1, 2)
     }
     med = {k: statistics.median(v) for k, v in results.items()}
-    with open("/proc/cpuinfo") as f:
-        cpu = next(
-            (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), platform.processor()
-        )
     print(
         json.dumps(
             {
                 "bench": "ray_scaling",
-                "cpu": cpu,
+                "machine": capability.machine_info(),
                 "cores": len(os.sched_getaffinity(0)),
-                "torch_threads_plain": torch.get_num_threads(),
+                "torch_threads_per_worker": threads,
+                "timing": (
+                    f"wall clock over whole optimizer steps {args.warmup + 1}..{args.warmup + args.steps}, "
+                    "all three variants alike (DDP's per-step collectives included)"
+                ),
                 "config": {
                     k: getattr(args, k)
                     for k in (
@@ -191,11 +227,13 @@ def main() -> None:
                         "seq_len",
                         "precision",
                         "steps",
+                        "warmup",
                         "rounds",
                     )
                 },
                 "chars_per_s": {k: round(v) for k, v in med.items()},
                 "all_rounds": {k: [round(x) for x in v] for k, v in results.items()},
+                # charlm's own per-rank log figure (its in-loop step time): shows the lockstep
                 "ray_2_workers_chars_per_s_last_log": per_worker,
                 "ratio_ray_1_vs_plain": round(med["ray_1"] / med["plain"], 3),
                 "ratio_ray_2_vs_plain": round(med["ray_2"] / med["plain"], 3),
