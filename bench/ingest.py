@@ -14,9 +14,10 @@ manifest (both passes: scan and encode), measured inside the child.
     .venv/bin/python bench/ingest.py --flow                # also the Prefect flow (largest size):
                                                            # temporary API server, then PREFECT_API_URL
 
-Prints one JSON object. The corpus: mostly English-like prose with curly quotes, dashes and
-accented words (about 1 non-ASCII character per 100), one object in ten multilingual (CJK,
-Cyrillic, emoji); CRLF line ends in one object in five; 1-12 MB per object plus some small ones.
+Prints one JSON object, with where it ran (`machine`). The corpus: mostly English-like prose
+with curly quotes, dashes and accented words (about 1 non-ASCII character per 100), one object in
+ten multilingual (CJK, Cyrillic, emoji); CRLF line ends in one object in five; 1-12 MB per object
+plus some small ones.
 """
 
 from __future__ import annotations
@@ -356,7 +357,12 @@ def main() -> None:
             moto.stop()
         if not a.work:
             shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps(results, indent=1))
+    # where the figures were measured; imported only now, so torch's import (capability's) runs
+    # after the measurements and never beside them
+    sys.path.insert(0, str(ROOT))
+    from charlm.capability import machine_info
+
+    print(json.dumps({"machine": machine_info(), **results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 --precision bf16, validation loss compared at every evaluation. Target: |diff| <= 0.01 nats/char.
 
     python bench/precision.py ../shared/data/tinyshakespeare/input.txt [--steps 400 --eval-every 100]
-Prints one JSON object: val loss per precision per evaluation, the differences, chars/s of each.
+Prints one JSON object: where it ran (`machine`), val loss per precision per evaluation, the
+differences, chars/s of each.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from charlm import capability
 from charlm.config import TrainConfig
 from charlm.train import Callback, train
 from charlm.trainingdata import load_training_data
@@ -46,6 +48,7 @@ def main() -> None:
         json.dumps(
             {
                 "bench": "precision",
+                "machine": capability.machine_info(),
                 "corpus": a.corpus,
                 "steps": a.steps,
                 "config": base.to_dict(),

@@ -4,7 +4,8 @@ validation loss on the last 10% of the corpus (nanoGPT's split for tinyshakespea
     python bench/quality.py ../shared/data/tinyshakespeare/input.txt --minutes 10 [--out DIR] [train flags]
 
 Any `charlm train` flag may follow (e.g. --dropout 0.3); unspecified ones keep the CLI defaults.
-Prints one JSON object: config, steps, epochs, best val loss (nats/char and bpc), chars/s, samples.
+Prints one JSON object: where it ran (`machine`), config, steps, epochs, best val loss (nats/char
+and bpc), chars/s, samples.
 
 Two val figures for the best checkpoint: `best_val_loss` is what training measured, the val split
 cut into `batch_size` streams that each start from a zero state (so the first characters of each
@@ -26,6 +27,7 @@ import math
 import tempfile
 from pathlib import Path
 
+from charlm import capability
 from charlm.checkpoint import load_model
 from charlm.cli import _add_train_flags, run_local_training, train_config_from_args
 from charlm.sample import Sampler
@@ -62,6 +64,7 @@ def main() -> None:
         json.dumps(
             {
                 "bench": "quality",
+                "machine": capability.machine_info(),
                 "corpus": a.corpus,
                 "minutes": a.minutes,
                 "config": cfg.to_dict(),
