@@ -23,6 +23,10 @@ from charlm.sample import Sampler
 from charlm.vocab import Vocab
 
 
+# every test here samples at bf16 and int8: scripts/test runs them once more capped at AVX2
+pytestmark = pytest.mark.hardware
+
+
 @pytest.fixture(scope="module", params=["bf16", "int8"])
 def sampler(request):
     caps = capability.probe("cpu")

@@ -212,7 +212,10 @@ def test_nan_aborts_with_clear_error_and_keeps_last_good_checkpoint(tmp_path):
     assert ck["step"] == 10
 
 
+@pytest.mark.hardware
 def test_bf16_trains_and_writes_metrics_and_plot(tmp_path):
+    if "bf16" not in capability.probe("cpu").train:
+        pytest.skip(f"bf16: {capability.probe('cpu').missing['bf16']}")
     vocab, splits = _data()
     res = train(_cfg(precision="bf16"), vocab, splits, callbacks=[MetricsFile(tmp_path)], device="cpu")
     assert res["precision"] == "bf16" and math.isfinite(res["best_val_loss"])
