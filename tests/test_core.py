@@ -285,6 +285,7 @@ def test_tampered_checkpoints_are_refused(tmp_path):
 def test_core_imports_no_frameworks():
     code = (
         "import sys, charlm.model, charlm.train, charlm.sample, charlm.checkpoint, charlm.data, charlm.vocab;"
+        "import charlm.capability; charlm.capability.report();"
         "bad=[m for m in ('ray','mlflow','prefect','fsspec','s3fs') if m in sys.modules];"
         "print(bad); sys.exit(1 if bad else 0)"
     )
