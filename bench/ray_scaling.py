@@ -9,7 +9,7 @@ All three are timed the same way, as bench/train_throughput.py times its two sid
 over whole optimizer steps, from the end of step --warmup to the end of step --warmup + --steps,
 read by a callback at the loop's step boundaries (on rank 0 in DDP). Everything a step does is
 inside the window, the per-step collectives of DDP included: the gradients' all-reduce, the stop
-check's all-reduce on every step and the loss's on every logged one. Evaluation and Ray's
+check's two on every step and the loss's on every logged one. Evaluation and Ray's
 start-up are outside it. The start-up cost is the wall time of a fit minus the time its steps
 and evaluations took: measured on a tiny model (2 steps) for 1 and 2 workers, with the Ray
 session already up; ray.init itself is reported apart.
@@ -46,7 +46,7 @@ class StepClock(Callback):
 
     train() asks should_stop once per step, after the whole step (update, logging and its
     all-reduce), so two calls enclose exactly one iteration of its loop, the stop check's own
-    all-reduce included. Every rank stops at the same step, so the ranks agree. The run's
+    all-reduces included. Every rank stops at the same step, so the ranks agree. The run's
     max_steps must lie beyond the last timed step: train() checks max_steps before it asks the
     callbacks."""
 
