@@ -269,7 +269,7 @@ def resolve(precision: str, device: torch.device | str, stage: str) -> str:
         raise ValueError(f"precision must be one of {('auto', *known)}, got {precision!r}")
     why = caps.missing.get(precision, "not available")
     raise PrecisionUnavailable(
-        f"--precision {precision} cannot {stage} on {dev.type}: {why}; precisions that run here: "
+        f"precision {precision} cannot {stage} on {dev.type}: {why}; precisions that run here: "
         f"{', '.join(ok)} (or auto)"
     )
 

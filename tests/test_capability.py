@@ -75,7 +75,7 @@ def test_an_unavailable_precision_is_refused_in_one_line(monkeypatch):
     with pytest.raises(capability.PrecisionUnavailable) as e:
         train(_cfg(precision="bf16"), vocab, splits, device="cpu")
     assert str(e.value) == (
-        "--precision bf16 cannot train on cpu: no bf16 in this test; precisions that run here: fp32 (or auto)"
+        "precision bf16 cannot train on cpu: no bf16 in this test; precisions that run here: fp32 (or auto)"
     )
     assert capability.resolve("auto", "cpu", "train") == "fp32"
     assert capability.resolve("auto", "cpu", "sample") == "fp32"
@@ -96,11 +96,11 @@ def test_cli_refuses_a_precision_this_machine_cannot_train_before_any_work(tmp_p
     assert main(args) == 1
     err = capsys.readouterr().err
     assert err == (
-        f"charlm: error: --precision bf16 cannot train on cpu: {why}; precisions that run here: fp32 (or auto)\n"
+        f"charlm: error: precision bf16 cannot train on cpu: {why}; precisions that run here: fp32 (or auto)\n"
     )
     assert not out.exists()  # refused before any work
     assert main(["sample", str(out), "--precision", "bf16"]) == 1  # before the model is looked up
-    assert capsys.readouterr().err.startswith("charlm: error: --precision bf16 cannot sample on cpu: ")
+    assert capsys.readouterr().err.startswith("charlm: error: precision bf16 cannot sample on cpu: ")
 
 
 @pytest.mark.hardware

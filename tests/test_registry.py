@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from charlm import capability
 from charlm import tracking as trk
 from charlm.vocab import UnknownCharactersError
 
@@ -111,7 +112,7 @@ def test_register_creates_versions_with_lineage(reg):
     assert all(v["val_bpc"] > 0 and v["created"] for v in listed["versions"])
 
 
-def test_champion_predicts_what_charlm_sample_prints(reg):
+def test_champion_predicts_what_charlm_sample_prints(reg, monkeypatch):
     import mlflow
     import pandas as pd
 
@@ -145,6 +146,14 @@ def test_champion_predicts_what_charlm_sample_prints(reg):
     assert list(frame) == [got[0]]
     with pytest.raises(UnknownCharactersError, match=r"outside the vocabulary: 'Ω' \(U\+03A9\)"):
         model.predict(["Ω"], params=params)
+    with monkeypatch.context() as m:  # a serving machine without int8 or bf16 kernels
+        bare = capability.Capabilities("cpu", ("fp32",), ("fp32",), (), {"int8": "no int8 kernel here"})
+        m.setattr(capability, "probe", lambda device="cpu": bare)
+        with pytest.raises(capability.PrecisionUnavailable) as e:
+            model.predict(["Th"], params={**params, "precision": "int8"})
+        assert str(e.value) == (
+            "precision int8 cannot sample on cpu: no int8 kernel here; precisions that run here: fp32 (or auto)"
+        )
 
     import torch
 

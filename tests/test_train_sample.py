@@ -334,7 +334,7 @@ def test_auto_takes_the_fastest_native_precision_and_an_unavailable_one_is_refus
         with pytest.raises(capability.PrecisionUnavailable) as e:
             Sampler(model, vocab, precision=precision)
         assert str(e.value) == (
-            f"--precision {precision} cannot sample on cpu: {why}; precisions that run here: fp32 (or auto)"
+            f"precision {precision} cannot sample on cpu: {why}; precisions that run here: fp32 (or auto)"
         )
 
 
