@@ -72,6 +72,20 @@ class ProgressBar(Callback):
         self._drawn = time.monotonic()
 
 
+class ConfigFile(Callback):
+    """Writes config.json (the corpus and the train config) once the run has started, that is
+    after a resume was accepted: a refused --resume leaves the folder as it was."""
+
+    def __init__(self, out_dir: str | os.PathLike, corpus: str) -> None:
+        self.path, self.corpus = Path(out_dir) / "config.json", corpus
+
+    def on_start(self, run: Run) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(
+            json.dumps({"corpus": self.corpus, "train_config": run.config.to_dict()}, indent=2)
+        )
+
+
 class MetricsFile(Callback):
     """Appends every log/eval record as a JSON line; draws loss.png at the end."""
 

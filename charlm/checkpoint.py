@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import IO, Any
@@ -142,8 +143,11 @@ def load(source: str | os.PathLike | IO[bytes] | bytes, name: str | None = None)
     try:
         ckpt = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, pickle with foreign objects, not a torch file...
+        reason = _reason(e)
+        if reason.startswith("holds objects"):  # tampered or foreign, not damaged
+            raise CheckpointError(f"{label}: refused, not a charlm checkpoint: {reason}") from e
         raise CheckpointError(
-            f"{label}: not a readable charlm checkpoint (truncated or corrupt?): {_reason(e)}"
+            f"{label}: not a readable charlm checkpoint (truncated or corrupt?): {reason}"
         ) from e
     validate(ckpt, label)
     return ckpt
@@ -156,6 +160,9 @@ def _reason(e: Exception) -> str:
             "holds objects other than tensors and primitives: "
             + text.split("WeightsUnpickler error:")[1].split(".")[0].strip()
         )
+    blocked = re.search(r"unsupported GLOBAL (\S+) whose module \S+ is blocked", text)
+    if blocked:  # a global from a module torch never allows (os, subprocess, ...): an attack
+        return f"holds objects other than tensors and primitives: it would call {blocked.group(1)}"
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     return lines[0].split(". ")[0] if lines else type(e).__name__
 

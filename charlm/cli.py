@@ -231,7 +231,7 @@ def run_local_training(
 ) -> dict:
     """Plain single-process training into a local out dir: checkpoints, metrics, loss.png."""
     from charlm import checkpoint
-    from charlm.callbacks import CheckpointFiles, MetricsFile, ProgressBar
+    from charlm.callbacks import CheckpointFiles, ConfigFile, MetricsFile, ProgressBar
     from charlm.train import TrainingDiverged, pick_device, train
     from charlm.trainingdata import load_training_data
 
@@ -239,9 +239,7 @@ def run_local_training(
     vocab, splits, fp, label = load_training_data(corpus, cfg.val_frac, cfg.test_frac, store)
     last = out / "last.pt"
     start = checkpoint.load(last) if resume and last.is_file() else None
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps({"corpus": corpus, "train_config": cfg.to_dict()}, indent=2))
-    callbacks = [MetricsFile(out), CheckpointFiles(out), *(extra_callbacks or [])]
+    callbacks = [ConfigFile(out, corpus), MetricsFile(out), CheckpointFiles(out), *(extra_callbacks or [])]
     if not quiet:
         callbacks.append(ProgressBar())
     try:

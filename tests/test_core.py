@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -256,10 +257,20 @@ def test_tampered_checkpoints_are_refused(tmp_path):
         def __reduce__(self):
             return (open, (str(trace), "w"))
 
+    class Shell:  # the usual attack: a command through os.system
+        def __reduce__(self):
+            return (os.system, (f"touch {trace}",))
+
     torch.save({"schema": checkpoint.SCHEMA, "x": Boom()}, evil)
-    with pytest.raises(checkpoint.CheckpointError, match=r"evil\.pt: .*objects other than tensors"):
+    with pytest.raises(checkpoint.CheckpointError, match=r"evil\.pt: refused, .*objects other than tensors"):
         checkpoint.load(evil)
-    assert not trace.exists()  # refused before the payload ran, not after
+    torch.save({"schema": checkpoint.SCHEMA, "x": Shell()}, evil)
+    with pytest.raises(
+        checkpoint.CheckpointError,
+        match=r"evil\.pt: refused, not a charlm checkpoint: .*objects other than tensors .*would call posix\.system",
+    ):
+        checkpoint.load(evil)
+    assert not trace.exists()  # refused before either payload ran, not after
     other = tmp_path / "other.pt"
     torch.save({"weights": torch.zeros(3)}, other)
     with pytest.raises(checkpoint.CheckpointError, match=r"other\.pt: not a charlm checkpoint"):

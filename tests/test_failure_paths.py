@@ -185,12 +185,12 @@ def test_cli_resume_with_another_model_is_one_error_line_and_keeps_the_checkpoin
     args = ["train", str(corpus), "--out", str(out), "--embed-size", "8", "--batch-size", "4"]
     args += ["--seq-len", "16", "--max-steps", "3", "--eval-every", "3", "--no-track", "--json"]
     assert main([*args, "--hidden-size", "32"]) == 0
-    before = (out / "last.pt").read_bytes()
+    before = {f: (out / f).read_bytes() for f in ("last.pt", "config.json", "metrics.jsonl")}
     capsys.readouterr()
     assert main([*args, "--hidden-size", "48", "--max-steps", "6", "--resume"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("charlm: error: cannot resume: checkpoint model"), err
-    assert (out / "last.pt").read_bytes() == before
+    assert {f: (out / f).read_bytes() for f in before} == before  # the refused resume changed nothing
 
 
 # -- checkpoint.save: the old file or the new one, never half of one -------------------------------

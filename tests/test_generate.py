@@ -22,7 +22,6 @@ from charlm.model import CharLM
 from charlm.sample import Sampler
 from charlm.vocab import Vocab
 
-
 # every test here samples at bf16 and int8: scripts/test runs them once more capped at AVX2
 pytestmark = pytest.mark.hardware
 
