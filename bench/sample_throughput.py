@@ -10,9 +10,10 @@ same way (wall clock over the whole generation), in alternating rounds.
 
     python bench/sample_throughput.py [--length 300 --rounds 7] [--cap avx2]
 --cap avx2 re-runs the bench with ATen, oneDNN, MKL and fbgemm capped at AVX2 (an AVX2-only CPU).
-Prints one JSON object: the machine, chars/s per variant (median and best of the rounds), and
-the ratios of charlm's default to the plain fp32 loop, to each plain variant and to the fastest
-plain variant at the same number of streams.
+Prints one JSON object: the machine, chars/s per variant (median and best of the rounds), the
+ratios of charlm's default to the plain fp32 loop, to each plain variant and to the fastest
+plain variant at the same number of streams, and the ceiling: chars/s at 256 streams if a step
+were only its recurrent GEMMs, for charlm's default kernel and for fp32.
 """
 
 from __future__ import annotations
@@ -57,6 +58,22 @@ def charlm(sampler: Sampler, n: int, length: int) -> float:
     t0 = time.perf_counter()
     sampler.generate([""] * n, length, temperature=0.8, seed=0)
     return n * length / (time.perf_counter() - t0)
+
+
+@torch.inference_mode()
+def gemm_chars_per_s(sampler: Sampler, n: int, reps: int = 20) -> float:
+    """chars/s if a step were nothing but its recurrent GEMMs (layer 0's h @ W_hh and each upper
+    layer's [x, h] @ W): the ceiling any sampler with this kernel has at n streams."""
+    h = sampler._zero_state(n)[0]  # (n, H) in the kernel's input dtype
+    xh = torch.cat([h, h], 1)  # (n, 2H)
+    gemms = [lambda: sampler.hh0(h)] + [lambda lin=lin: lin(xh) for lin, _ in sampler.upper]
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for g in gemms:
+            g()
+        times.append(time.perf_counter() - t0)
+    return n / statistics.median(times)
 
 
 def plain_variants(model: CharLM, caps: capability.Capabilities) -> dict:
@@ -106,6 +123,17 @@ def main() -> None:
         for n in STREAMS:
             for name, f in variants.items():
                 results.setdefault(f"{name}_{n}", []).append(f(n, args.length))
+    # The GEMM-only ceiling of charlm's default kernel and of plain fp32 GEMMs (torch's linear,
+    # what nn.LSTM runs): how far the chars/s above can go on this CPU.
+    default, n = Sampler(model, vocab, max_batch=STREAMS[-1]), STREAMS[-1]
+    fp32 = Sampler(model, vocab, precision="fp32", max_batch=n)
+    fp32.hh0.packed = None  # torch's linear, not oneDNN's prepacked one
+    for lin, _ in fp32.upper:
+        lin.packed = None
+    ceiling = {
+        f"charlm_gemms_only_{n}": round(gemm_chars_per_s(default, n)),
+        f"fp32_gemms_only_{n}": round(gemm_chars_per_s(fp32, n)),
+    }
     med = {k: statistics.median(v) for k, v in results.items()}
     # Other tenants of a shared machine only ever slow a round down, so the best round of each
     # variant is its least disturbed figure; the medians are printed too.
@@ -140,6 +168,8 @@ def main() -> None:
                 "charlm_int8_kernel": caps.int8_kernel,
                 "chars_per_s_median": {k: round(v) for k, v in med.items()},
                 "chars_per_s_best": {k: round(v) for k, v in best.items()},
+                "gemm_ceiling_chars_per_s": ceiling,
+                "ceiling_vs_plain_fp32": round(ceiling[f"charlm_gemms_only_{n}"] / med[f"plain_fp32_{n}"], 2),
                 "ratio_median": ratios(med),
                 "ratio_best": ratios(best),
             },

@@ -61,17 +61,12 @@ class _Linear:
     """y = x @ W^T + b in the compute dtype, with oneDNN-prepacked weights on CPU when available."""
 
     def __init__(
-        self,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        dtype: torch.dtype,
-        batch: int,
-        pack: bool = True,
+        self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, batch: int
     ) -> None:
         self.w = weight.detach().to(dtype).contiguous()
         self.b = bias.detach().to(dtype) if bias is not None else None
         self.packed = None
-        if pack and self.w.device.type == "cpu":
+        if self.w.device.type == "cpu":
             try:
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(self.w, batch)
                 self(torch.zeros(batch, self.w.shape[1], dtype=dtype))  # probe once
@@ -222,14 +217,9 @@ class Sampler:
                 # the head is small: _int_mm's lower per-call cost beats oneDNN's fused kernel there
                 return _Int8Linear(weight, bias, batch, fused=FUSED_INT8 and not head)
             if self.int8_kernel == "fbgemm-avx2":
-                # The head stays fp32: it is ~1% of the work, and the logits keep full precision.
-                # On the CPUs this kernel is for, MKL's GEMM (torch's linear) runs the (N, H) x
-                # (H, V) head 1.4-4x faster than oneDNN's packed one (measured capped at AVX2).
-                return (
-                    _Linear(weight, bias, gate_dtype, batch, pack=False)
-                    if head
-                    else _Fbgemm7Linear(weight, bias)
-                )
+                # the head too: fp32 GEMMs round differently by batch size (MKL's and oneDNN's
+                # kernels are chosen by M), exact int8 sums never do
+                return _Fbgemm7Linear(weight, bias)
             return _Linear(weight, bias, gate_dtype, batch)
 
         w = {name: p.detach().float() for name, p in rnn.named_parameters()}

@@ -159,12 +159,13 @@ def small_trained():
 def test_int8_sampling_stays_near_fp32(small_trained, kernel):
     """README: int8 sampling within 0.0003 nats/char of fp32 on tinyshakespeare models
     (bench/sample_fidelity.py). On this small model (fp32 0.0945 nats/char), measured +0.000050
-    (onednn-vnni) and +0.000063 (fbgemm-avx2, the same capped at AVX2); the bound is ~2x the
-    larger, so an error twice as large fails."""
+    (onednn-vnni: 8-bit inputs) and +0.000139 (fbgemm-avx2: 7-bit inputs, the same capped at
+    AVX2); each bound is ~2x its kernel's figure, so an error twice as large fails."""
     caps = capability.probe("cpu")
     if kernel not in caps.int8_kernels:
         pytest.skip(f"the {kernel} int8 kernel is not exact on this CPU (kernels here: {caps.int8_kernels})")
     model, vocab, x, y = small_trained
     fp32 = Sampler(model, vocab, precision="fp32", max_batch=8).score(x, y)
     int8 = Sampler(model, vocab, precision="int8", int8_kernel=kernel, max_batch=8).score(x, y)
-    assert abs(int8 - fp32) < 0.00012, (fp32, int8, int8 - fp32)
+    bound = {"onednn-vnni": 0.0001, "fbgemm-avx2": 0.00028}[kernel]
+    assert abs(int8 - fp32) < bound, (fp32, int8, int8 - fp32)

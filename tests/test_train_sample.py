@@ -306,9 +306,9 @@ def test_sampler_steps_match_the_model_at_every_precision(cell, variant, monkeyp
         got = torch.stack([torch.log_softmax(s._step(x[:, t], state), -1) for t in range(40)], 1)
     # Largest log-prob error over the 3 cells (log-probs span ~5-9 nats), measured on this test:
     # fp32 ~2e-6, bf16 0.008-0.044, int8-onednn and int-mm 0.023-0.089, int8-fbgemm (7-bit inputs)
-    # 0.026-0.110, the same capped at AVX2. Each bound is ~1.5x the largest, so an error twice
+    # 0.036-0.099, the same capped at AVX2. Each bound is ~1.5x the largest, so an error twice
     # as large fails.
-    tol = {"fp32": 1e-4, "bf16": 0.07, "int8-onednn": 0.14, "int8-int-mm": 0.14, "int8-fbgemm": 0.17}[variant]
+    tol = {"fp32": 1e-4, "bf16": 0.07, "int8-onednn": 0.14, "int8-int-mm": 0.14, "int8-fbgemm": 0.15}[variant]
     assert (got - ref).abs().max() < tol, variant
 
 
@@ -350,6 +350,26 @@ def test_a_stream_does_not_depend_on_its_batch(trained, variant, monkeypatch):
     assert batch[1] == alone[0]
     pair = s.generate(["the lazy do", "the lazy d"], 60, seed=5, stream_ids=[10, 8])
     assert pair[1] == alone[0] and pair[0] == batch[3]
+
+
+@pytest.mark.hardware
+@pytest.mark.parametrize("variant", ["int8-onednn", "int8-int-mm", "int8-fbgemm"])
+def test_int8_streams_do_not_depend_on_their_batch_at_full_width(variant, monkeypatch):
+    """At 2x512, where fp32 GEMM libraries pick their kernels by batch size (and so round a row
+    differently), the int8 kernels' exact sums keep a stream's numbers, not just its text at
+    small widths, independent of its batch."""
+    kw = sampler_variant(variant, monkeypatch)
+    vocab = Vocab(tuple(chr(48 + i) for i in range(65)), tuple(range(1, 66)))
+    torch.manual_seed(0)
+    model = CharLM(ModelConfig(65, "lstm", 2, 512, 64, 0.0)).eval()
+    x = torch.from_numpy(vocab.encode("BCDEFGHIJKLMNOPQRSTU").astype("int64"))[None]  # (1, T)
+    many, one = Sampler(model, vocab, max_batch=44, **kw), Sampler(model, vocab, max_batch=1, **kw)
+    with torch.no_grad():
+        states = many._zero_state(44), one._zero_state(1)
+        for t in range(x.shape[1]):
+            batch = many._step(torch.cat([x[:, t], torch.arange(43) % 65]), states[0])  # (44, V)
+            alone = one._step(x[:, t], states[1])  # (1, V)
+            assert torch.equal(batch[:1], alone), t
 
 
 def test_top_p_and_top_k_restrict_the_support(trained):
