@@ -300,7 +300,8 @@ class Sampler:
                 g = self.upper[k - 1][0](torch.cat([x, h], 1))
             if cell == "lstm":
                 # The state holds c2 = 2c, and tanh(c) = 2 sigmoid(c2) - 1: one sigmoid, no tanh.
-                i, f, gg, o = torch.sigmoid(g).chunk(4, 1)  # each (N, H)
+                gates = torch.sigmoid(g)  # (N, 4H); slices cost less than chunk's split
+                i, f, gg, o = (gates[:, j * H : (j + 1) * H] for j in range(4))  # each (N, H)
                 c2 = f * state[2 * k + 1]  # fp32
                 if self._sigmoid_tanh:  # g's rows were doubled: 2 tanh(g) = 4 sigmoid(2g) - 2
                     c2.sub_(i, alpha=2.0).addcmul_(i, gg, value=4.0)
@@ -436,6 +437,7 @@ class Sampler:
         positions = torch.arange(lmax + length, device=dev)
         window = (positions >= lens[:, None]) & (positions < end[:, None])  # (N, P): pos is sampled
         last = int(end.max())  # without a stop string every stream ends at its end
+        everyone = window.all(0).tolist()  # pos is sampled in every stream (equal prompt lengths)
         noise, noise_at = torch.empty(n, 0, len(self.vocab), device=dev), 0
         for p in range(lmax + length - 1):
             logits = self._step(seq[:, p], state)  # (N, V): distribution of position p + 1
@@ -448,8 +450,11 @@ class Sampler:
                     steps = positions[pos : pos + NOISE_BLOCK]  # (S,)
                     noise, noise_at = self._noise(keys[:, None], steps - lens[:, None]), pos  # (N, S, V)
                 nxt = logits.add_(noise[:, pos - noise_at]).argmax(1)
-            sampling = window[:, pos] & ~done if stop_ids is not None else window[:, pos]
-            seq[:, pos] = torch.where(sampling, nxt, seq[:, pos])
+            if stop_ids is None and everyone[pos]:
+                seq[:, pos] = nxt
+            else:
+                sampling = window[:, pos] & ~done if stop_ids is not None else window[:, pos]
+                seq[:, pos] = torch.where(sampling, nxt, seq[:, pos])
             if stop_ids is not None and pos + 1 >= len(stop_ids):
                 hit = sampling & (pos + 1 - start >= len(stop_ids))
                 hit &= (seq[:, pos + 1 - len(stop_ids) : pos + 1] == stop_ids).all(1)
