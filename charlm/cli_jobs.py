@@ -41,10 +41,11 @@ def _generate(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def _pipeline(a: argparse.Namespace) -> dict[str, Any]:
-    from charlm.cli import train_config_from_args
+    from charlm.cli import check_train_precision, train_config_from_args
     from flows.pipeline import pipeline
 
     cfg = train_config_from_args(a)
+    check_train_precision(cfg.precision, "auto", True, a.gpu)  # before the corpus is ingested
     scaling = {"workers": a.workers, "use_gpu": a.gpu, "max_failures": a.max_failures}
     gen = {"num_samples": a.num_samples, "length": a.length}
     res = pipeline(

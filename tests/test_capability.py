@@ -101,6 +101,21 @@ def test_cli_refuses_a_precision_this_machine_cannot_train_before_any_work(tmp_p
     assert not out.exists()  # refused before any work
     assert main(["sample", str(out), "--precision", "bf16"]) == 1  # before the model is looked up
     assert capsys.readouterr().err.startswith("charlm: error: precision bf16 cannot sample on cpu: ")
+    store = tmp_path / "store"
+    pipeline = [
+        "pipeline",
+        str(corpus),
+        "--name",
+        "c",
+        "--store",
+        str(store),
+        "--precision",
+        "bf16",
+        "--no-gpu",
+    ]
+    assert main(pipeline) == 1
+    assert capsys.readouterr().err.startswith("charlm: error: precision bf16 cannot train on cpu: ")
+    assert not store.exists()  # nothing ingested
 
 
 @pytest.mark.hardware
