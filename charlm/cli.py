@@ -26,10 +26,6 @@ def _emit_json(obj: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-def default_store() -> str:
-    return os.environ.get("CHARLM_STORE") or str(Path.home() / ".charlm" / "store")
-
-
 def resolve_model(ref: str, device: str = "cpu", store: str | None = None):
     """(model, vocab, checkpoint dict, label) from models:/NAME@ALIAS, models:/NAME/VERSION,
     runs:/..., a checkpoint path/URL or a run folder (local or in a store)."""
@@ -41,16 +37,17 @@ def resolve_model(ref: str, device: str = "cpu", store: str | None = None):
         return resolve_model_ref(ref, device, store=store)
     p = Path(ref)
     if p.is_dir():
-        for name in ("best.pt", "last.pt"):
+        from charlm.runs import PUBLISHED, find_checkpoint
+
+        for name in PUBLISHED["best"]:
             if (p / name).is_file():
                 p = p / name
                 break
         else:
             try:
-                from charlm.runs import find_checkpoint
-            except ModuleNotFoundError:
+                p = Path(find_checkpoint(ref))
+            except ModuleNotFoundError:  # no storage extra: Ray's checkpoint folders cannot be read
                 raise CLIError(f"{ref}: folder holds no best.pt or last.pt checkpoint") from None
-            p = Path(find_checkpoint(ref))
     model, vocab, ck = checkpoint.load_model(str(p), name=str(p), device=device)
     return model, vocab, ck, str(p)
 
@@ -212,7 +209,9 @@ def train_config_from_args(a: argparse.Namespace):
 
 def refuse_existing_run(out: Path, resume: bool) -> None:
     """A local out folder that already holds a run is continued only with --resume."""
-    if (out / "last.pt").exists() and not resume:
+    from charlm.runs import LAST_FILE
+
+    if (out / LAST_FILE).exists() and not resume:
         raise CLIError(
             f"{out}: already holds a training run (last.pt); pass --resume to continue it or choose another --out"
         )
@@ -230,14 +229,14 @@ def run_local_training(
     extra_callbacks: list | None = None,
 ) -> dict:
     """Plain single-process training into a local out dir: checkpoints, metrics, loss.png."""
-    from charlm import checkpoint
+    from charlm import checkpoint, runs
     from charlm.callbacks import CheckpointFiles, ConfigFile, MetricsFile, ProgressBar
     from charlm.train import TrainingDiverged, pick_device, train
     from charlm.trainingdata import load_training_data
 
     refuse_existing_run(out, resume)  # before any work: the corpus may be large
     vocab, splits, fp, label = load_training_data(corpus, cfg.val_frac, cfg.test_frac, store)
-    last = out / "last.pt"
+    last = out / runs.LAST_FILE
     start = checkpoint.load(last) if resume and last.is_file() else None
     callbacks = [ConfigFile(out, corpus), MetricsFile(out), CheckpointFiles(out), *(extra_callbacks or [])]
     if not quiet:
@@ -261,11 +260,11 @@ def run_local_training(
         "corpus": label,
         "corpus_fingerprint": fp,
         "vocab_size": len(vocab),
-        "best_checkpoint": str(out / "best.pt"),
+        "best_checkpoint": str(out / runs.BEST_FILE),
         "last_checkpoint": str(last),
         **result,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    runs.write_summary(out, summary, indent=2)
     return summary
 
 

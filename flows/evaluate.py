@@ -22,18 +22,10 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
-from charlm import storage, tracking
+from charlm import tracking
+from flows.retries import retry_if_transient
 
 DEFAULT_MARGIN = 0.01  # bits per character
-
-
-def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
-    """retry_condition_fn: retry only transient storage errors."""
-    try:
-        state.result()
-    except Exception as e:
-        return storage.is_transient(e)
-    return False
 
 
 @task(name="read-alias", cache_policy=NONE)

@@ -33,19 +33,11 @@ from prefect.tasks import exponential_backoff
 from charlm import ingest, storage
 from charlm.ingest import Policies, SourceChangedError
 from charlm.vocab import Vocab
+from flows.retries import retry_if_transient
 
 RETRIES = 3
 RETRY_DELAY = exponential_backoff(backoff_factor=2)  # 2, 4, 8 s (+ jitter)
 SCAN_CACHE_DAYS = 30
-
-
-def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
-    """retry_condition_fn: retry only transient storage errors."""
-    try:
-        state.result()
-    except Exception as e:
-        return storage.is_transient(e)
-    return False
 
 
 def scan_cache_key(context: Any, parameters: dict[str, Any]) -> str:
