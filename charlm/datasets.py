@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from charlm import storage
-from charlm.ingest import FORMAT, SPLITS, read_manifest
+from charlm.ingest.format import FORMAT, SPLITS, read_manifest
 from charlm.vocab import Vocab
 
 _HEX = re.compile(r"^[0-9a-f]{6,64}$")

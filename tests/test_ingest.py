@@ -19,6 +19,7 @@ from charlm.ingest import (
     BinaryObjectError,
     CharCounter,
     EmptyCorpusError,
+    IngestError,
     InvalidUTF8Error,
     Policies,
     SourceChangedError,
@@ -168,11 +169,11 @@ def test_binary_objects_rejected() -> None:
 
 def test_boundary_rule_is_sound() -> None:
     # the fast path assumes nothing below U+0300 ever composes with what precedes it
-    assert min(ingest._composes_backward()) >= "\u0300"
+    assert min(ingest.text._composes_backward()) >= "\u0300"
     for c in "aZ \n中한\u0b47":
-        assert ingest._boundary_before(c, "NFC")
+        assert ingest.text._boundary_before(c, "NFC")
     for c in "\u0301\u0b3e\u3099\u1161":
-        assert not ingest._boundary_before(c, "NFC")
+        assert not ingest.text._boundary_before(c, "NFC")
 
 
 # -- ingest end to end (local folders) ---------------------------------------------------------------
@@ -236,7 +237,7 @@ def test_ingest_ids(tmp_path, tmp_store, monkeypatch: pytest.MonkeyPatch) -> Non
     src = write_files(tmp_path / "corpus", CORPUS)
     first = ingest.ingest(src, tmp_store)
     # same corpus, other read-chunk sizes and small-object handling: same id, no rewrite
-    monkeypatch.setattr(ingest, "SMALL_OBJECT", 0)
+    monkeypatch.setattr(ingest.text, "SMALL_OBJECT", 0)
 
     def no_writes(*a, **k):
         raise AssertionError("re-ingesting an unchanged corpus must not write")
@@ -302,7 +303,7 @@ def test_crash_mid_publish_leaves_no_dataset(tmp_path, tmp_store, monkeypatch: p
             raise KeyboardInterrupt("killed")
         return real(*a, **k)
 
-    monkeypatch.setattr(ingest, "encode_object", crash_on_second)
+    monkeypatch.setattr(ingest.encode, "encode_object", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
         ingest.publish(scans, p, tmp_store)
     folder = storage.join(tmp_store, "datasets", did)
@@ -315,7 +316,7 @@ def test_crash_mid_publish_leaves_no_dataset(tmp_path, tmp_store, monkeypatch: p
         datasets.open_dataset(did, tmp_store)
     with pytest.raises(datasets.DatasetNotFoundError, match="without manifest"):
         datasets.open_dataset(folder, tmp_store)
-    monkeypatch.setattr(ingest, "encode_object", real)
+    monkeypatch.setattr(ingest.encode, "encode_object", real)
     r = ingest.publish(scans, p, tmp_store)  # a later run completes it
     assert r["id"] == did and datasets.open_dataset(did, tmp_store) is not None
 
@@ -430,7 +431,7 @@ def test_memory_store_round_trip(tmp_path) -> None:
     for name, data in CORPUS.items():
         storage.write_bytes_atomic(storage.join("memory://charlm-corpus-test", name), data)
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(ingest, "SMALL_OBJECT", 0)
+        m.setattr(ingest.text, "SMALL_OBJECT", 0)
         again = ingest.ingest("memory://charlm-corpus-test", store, chunk_size=5)
     assert again["id"] == r["id"] and again["reused"]
     storage.delete(store, recursive=True)
@@ -459,7 +460,7 @@ def test_encoder_paths_agree_with_vocab(n_wide: int) -> None:
     alphabet = [*"abc \n", *wide]
     text = "".join(rng.choice(alphabet) for _ in range(5000))
     vocab = Vocab.from_text(text)
-    enc = ingest._Encoder(vocab)
+    enc = ingest.encode._Encoder(vocab)
     assert enc.bytewise == (len(vocab) <= 255) and (not enc.bytewise or enc.coded == (n_wide <= 64))
     raw = ("\ufeff" + text.replace("\n", "\r\n")).encode()
     for check in (True, False):  # validated pieces (first pass) or not (second pass)
@@ -475,15 +476,28 @@ def test_encoder_paths_agree_with_vocab(n_wide: int) -> None:
             enc.encode("x😀".encode(), "😀", np.array([0, 1]))
 
 
+def test_workers_run_registered_functions_only() -> None:
+    assert set(ingest.pool._WORKER_FUNCTIONS) == {"_scan_sequential", "_encode_group"}
+    with pytest.raises(ValueError, match="not an ingest worker function"):
+        ingest.pool._run_groups(print, [("x",)], 2)  # refused before any worker starts
+    workers = ingest.pool._WorkerPool(1)
+    try:
+        with pytest.raises(IngestError, match="'print' is not an ingest worker function"):
+            workers.call(0, "print", ("x",))
+        assert not workers.broken  # the worker answered and goes on serving
+    finally:
+        workers.close()
+
+
 @pytest.mark.slow
 def test_worker_processes_give_the_same_dataset(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     files = {f"p{i}.txt": (f"object {i}: naïve café — 😀\r\n" * (200 + 37 * i)).encode() for i in range(7)}
     files["empty.txt"] = b""
     src = write_files(tmp_path / "corpus", files)
     one = ingest.ingest(src, str(tmp_path / "s1"))
-    monkeypatch.setattr(ingest, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(ingest.pool, "PARALLEL_MIN_BYTES", 0)
     monkeypatch.setenv("CHARLM_INGEST_PROCESSES", "2")
-    assert ingest._parallelism(1, 2) == 2
+    assert ingest.pool._parallelism(1, 2) == 2
     two = ingest.ingest(src, str(tmp_path / "s2"), chunk_size=1000)
     assert two["id"] == one["id"] and two["counts"] == one["counts"]
     a, b = (

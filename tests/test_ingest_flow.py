@@ -37,7 +37,7 @@ def count_scans(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         calls.append(obj.url if hasattr(obj, "url") else obj["url"])
         return real(obj, *a, **k)
 
-    monkeypatch.setattr(ingest, "scan_object", counting)
+    monkeypatch.setattr(ingest.scan, "scan_object", counting)
     return calls
 
 
@@ -130,7 +130,7 @@ def test_flow_storage_outage_retries_then_fails_cleanly(
         return real_encode(obj, *a, **k)
 
     monkeypatch.setattr(ingest, "publish", publish)
-    monkeypatch.setattr(ingest, "encode_object", encode)
+    monkeypatch.setattr(ingest.encode, "encode_object", encode)
     try:
         with pytest.raises(
             TransientStorageError, match=rf"^{s3_bucket}/\S+: \w+ failed, storage unreachable"
@@ -147,7 +147,7 @@ def test_flow_storage_outage_retries_then_fails_cleanly(
     )  # ... half-written is absent
     with pytest.raises(datasets.DatasetNotFoundError):
         datasets.open_dataset(storage.basename(folders[0]), store)
-    monkeypatch.setattr(ingest, "encode_object", real_encode)
+    monkeypatch.setattr(ingest.encode, "encode_object", real_encode)
     ok = flows_ingest.ingest_corpus([s3_bucket + "/c"], store=store)  # when the store is back: fine
     assert storage.basename(folders[0]) == ok["id"] and datasets.open_dataset(ok["id"], store) is not None
 

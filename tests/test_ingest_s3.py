@@ -16,7 +16,7 @@ EMOJI = "😀".encode()  # 4 bytes
 @pytest.fixture
 def streamed(monkeypatch: pytest.MonkeyPatch) -> None:
     """Stream every object with ranged GETs (no whole-object fetch of small objects)."""
-    monkeypatch.setattr(ingest, "SMALL_OBJECT", 0)
+    monkeypatch.setattr(ingest.text, "SMALL_OBJECT", 0)
 
 
 def splits_text(ds: datasets.Dataset) -> str:
@@ -138,8 +138,8 @@ def test_worker_processes_read_s3(s3_bucket: str, put_objects, tmp_store: str, m
     files = {f"p{i}.txt": (f"part {i} — ü\n" * (3000 + i)).encode() for i in range(4)}
     put_objects(s3_bucket + "/c", files)
     one = ingest.ingest(s3_bucket + "/c", tmp_store)
-    monkeypatch.setattr(ingest, "PARALLEL_MIN_BYTES", 0)
-    monkeypatch.setattr(ingest, "SMALL_OBJECT", 0)
+    monkeypatch.setattr(ingest.pool, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(ingest.text, "SMALL_OBJECT", 0)
     monkeypatch.setenv("CHARLM_INGEST_PROCESSES", "2")
     p = Policies()
     scans = ingest.scan_objects(ingest.list_sources([s3_bucket + "/c"]), p)  # in 2 worker processes

@@ -1,0 +1,39 @@
+"""The published dataset format, shared by the writer (charlm.ingest) and the reader
+(charlm.datasets): the format tag, the splits and their sizes, the manifest.
+
+A dataset is the folder ``<store>/datasets/<id>/`` with ``vocab.json``, one ``<split>.npy`` per
+split and ``manifest.json``, written last (docs/ingest.md). This module imports nothing of the
+writer's.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from charlm import storage
+from charlm.ingest.errors import IngestError
+
+FORMAT = "charlm-dataset/1"
+SPLITS = ("train", "val", "test")
+
+
+def split_sizes(n: int, val_frac: float, test_frac: float) -> dict[str, int]:
+    """Same arithmetic as charlm.data.split_ids: contiguous train | val | test."""
+    n_test = round(n * test_frac)
+    n_val = round(n * val_frac)
+    return {"train": n - n_val - n_test, "val": n_val, "test": n_test}
+
+
+def read_manifest(folder: str) -> dict[str, Any] | None:
+    """The manifest of a dataset folder, or None if there is none (an unpublished dataset)."""
+    url = storage.join(folder, "manifest.json")
+    try:
+        data = storage.read_bytes(url)
+    except storage.ObjectNotFoundError:
+        return None
+    try:
+        m = json.loads(data)
+    except ValueError as e:
+        raise IngestError(f"{url}: not a readable manifest ({e})") from None
+    return m
