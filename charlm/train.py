@@ -380,13 +380,23 @@ def train(
     return result
 
 
-def _stop_reason(run: Run, callbacks: Sequence[Callback]) -> str | None:
-    c = run.config
-    if c.max_steps is not None and run.step >= c.max_steps:
+def limit_reached(c: TrainConfig, step: int, epoch: float, train_seconds: float) -> str | None:
+    """The run's own limit reached at this point ("max_steps", "max_epochs", "time_budget"), else
+    None: the one stop rule, also read by a Ray worker checking a checkpoint it resumes from."""
+    if c.max_steps is not None and step >= c.max_steps:
         return "max_steps"
-    if c.max_epochs is not None and run.epoch_float >= c.max_epochs:
+    if c.max_epochs is not None and epoch >= c.max_epochs:
         return "max_epochs"
-    local = c.time_budget is not None and run.train_seconds >= c.time_budget * 60.0
+    if c.time_budget is not None and train_seconds >= c.time_budget * 60.0:
+        return "time_budget"
+    return None
+
+
+def _stop_reason(run: Run, callbacks: Sequence[Callback]) -> str | None:
+    limit = limit_reached(run.config, run.step, run.epoch_float, run.train_seconds)
+    if limit in ("max_steps", "max_epochs"):
+        return limit
+    local = limit == "time_budget"
     requested = any(cb.should_stop(run) for cb in callbacks)
     # Ranks must agree, or the ones still stepping wait forever in DDP's all-reduce.
     if run.dist.world_size > 1:
