@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from charlm import checkpoint as ckpt_mod
+from charlm import runs
 from charlm.train import Callback, Run
 
 
@@ -77,13 +78,11 @@ class ConfigFile(Callback):
     after a resume was accepted: a refused --resume leaves the folder as it was."""
 
     def __init__(self, out_dir: str | os.PathLike, corpus: str) -> None:
-        self.path, self.corpus = Path(out_dir) / "config.json", corpus
+        self.dir, self.corpus = Path(out_dir), corpus
 
     def on_start(self, run: Run) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(
-            json.dumps({"corpus": self.corpus, "train_config": run.config.to_dict()}, indent=2)
-        )
+        config = {"corpus": self.corpus, "train_config": run.config.to_dict()}
+        runs.write_json(self.dir, runs.CONFIG_FILE, config, indent=2)
 
 
 class MetricsFile(Callback):
@@ -91,7 +90,7 @@ class MetricsFile(Callback):
 
     def __init__(self, out_dir: str | os.PathLike) -> None:
         self.dir = Path(out_dir)
-        self.path = self.dir / "metrics.jsonl"
+        self.path = self.dir / runs.METRICS_FILE
 
     def on_start(self, run: Run) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -109,7 +108,7 @@ class MetricsFile(Callback):
         self._write("eval", metrics)
 
     def on_end(self, run: Run, result: dict[str, Any]) -> None:
-        plot_losses(self.path, self.dir / "loss.png")
+        plot_losses(self.path, self.dir / runs.LOSS_PNG)
 
 
 def plot_losses(metrics_path: str | os.PathLike, png_path: str | os.PathLike) -> Path | None:
@@ -148,8 +147,8 @@ class CheckpointFiles(Callback):
 
     def __init__(self, out_dir: str | os.PathLike) -> None:
         self.dir = Path(out_dir)
-        self.last_path = self.dir / "last.pt"
-        self.best_path = self.dir / "best.pt"
+        self.last_path = self.dir / runs.LAST_FILE
+        self.best_path = self.dir / runs.BEST_FILE
 
     def on_eval(self, run: Run, metrics: dict[str, Any]) -> None:
         ck = run.checkpoint()

@@ -1,29 +1,147 @@
-"""Find the checkpoints of a training run folder, local or in object storage, without Ray.
+"""The run folder: its file names, its JSON files, and finding its checkpoints, without Ray.
 
-A distributed run lives in ``<store>/runs/<name>/`` (see charlm.distributed): after success it
-holds ``best.pt``, ``last.pt`` and ``summary.json``; while running (or after a crash) only Ray's
-``checkpoint_<step>/checkpoint.pt`` folders and ``checkpoint_manager_snapshot.json``. A local
-``charlm train --out DIR`` folder holds ``best.pt`` / ``last.pt`` directly. `find_checkpoint`
-accepts all of these, and a checkpoint file itself.
+Both ways of training write a run folder. A local ``charlm train --out DIR`` writes
+``config.json`` (once the run has started), ``metrics.jsonl``, ``best.pt`` / ``last.pt`` (every
+evaluation), ``loss.png`` and ``summary.json`` (last). A distributed run lives in
+``<store>/runs/<name>/`` (see charlm.distributed): ``run.json`` (parameters, before training),
+``attempts/*.json`` (one per worker-group start), Ray's ``checkpoint_<step>/checkpoint.pt``
+folders and ``checkpoint_manager_snapshot.json`` while it runs (or after a crash), and after
+success ``best.pt``, ``last.pt`` and ``summary.json`` (written last; its presence means
+"finished"). `find_checkpoint` accepts all of these, and a checkpoint file itself.
+
+Importable with the core install: charlm.storage (the storage extra) is imported where a URL or a
+store is read, so a local run writes its JSON files without it.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import time
+import uuid
+from pathlib import Path
 from typing import Any
 
-from charlm import storage
-
-CKPT_FILE = "checkpoint.pt"
+BEST_FILE = "best.pt"
+LAST_FILE = "last.pt"
+SUMMARY_FILE = "summary.json"  # both kinds of run, written last
+CONFIG_FILE = "config.json"  # local: the corpus and the train config
+METRICS_FILE = "metrics.jsonl"  # local: one JSON line per log/eval record
+LOSS_PNG = "loss.png"  # local
+RUN_FILE = "run.json"  # distributed: the parameters, written before training
+RUN_FORMAT = "charlm.run/1"
+ATTEMPTS_DIR = "attempts"  # distributed: one JSON file per worker-group start
+CKPT_FILE = "checkpoint.pt"  # in each of Ray's checkpoint_<step>/ folders
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
-PUBLISHED = {"best": ("best.pt", "last.pt"), "last": ("last.pt", "best.pt")}
+PUBLISHED = {"best": (BEST_FILE, LAST_FILE), "last": (LAST_FILE, BEST_FILE)}
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
 class RunError(FileNotFoundError):
     """A run folder or checkpoint reference that holds no usable checkpoint; names the URL."""
 
 
+class RunFileError(ValueError):
+    """A run folder's JSON file that exists but does not parse; names the URL."""
+
+
+# -- the run folder's JSON files ----------------------------------------------------------------
+def _is_url(folder: str) -> bool:
+    return "://" in folder or "::" in folder
+
+
+def file_url(folder: str | os.PathLike, name: str) -> str:
+    """`name` (may hold '/') in a run folder: a plain local path, or a URL in a store."""
+    folder = os.fspath(folder)
+    if _is_url(folder):
+        from charlm import storage
+
+        return storage.join(folder, name)
+    return os.path.join(folder, name)
+
+
+def write_json(folder: str | os.PathLike, name: str, obj: Any, *, indent: int | None = None) -> str:
+    """Write one JSON file of a run folder whole (atomically, through charlm.storage); returns its
+    URL. Without the storage extra only a local folder can be meant, and it is written directly."""
+    url = file_url(folder, name)
+    text = json.dumps(obj, indent=indent, default=str)
+    try:
+        from charlm import storage
+    except ImportError:  # core install: a local `charlm train --out` folder
+        Path(url).parent.mkdir(parents=True, exist_ok=True)
+        Path(url).write_text(text)
+        return url
+    storage.write_text_atomic(url if _is_url(url) else os.path.abspath(url), text)
+    return url
+
+
+def read_json(folder: str | os.PathLike, name: str) -> Any:
+    """One JSON file of a run folder; None when it does not exist, RunFileError when unreadable."""
+    return _load_json(file_url(folder, name))
+
+
+def _load_json(url: str) -> Any:
+    from charlm import storage
+
+    try:
+        return json.loads(storage.read_bytes(url))
+    except storage.ObjectNotFoundError:
+        return None
+    except ValueError as e:
+        raise RunFileError(f"{url}: unreadable ({e})") from None
+
+
+def write_summary(folder: str | os.PathLike, summary: dict[str, Any], *, indent: int = 1) -> str:
+    """summary.json, the last file a finished run writes (local runs: indent=2, as always)."""
+    return write_json(folder, SUMMARY_FILE, summary, indent=indent)
+
+
+def write_attempt(folder: str, record: dict[str, Any]) -> str:
+    """attempts/<time>-<random>.json: one per start of a distributed run's worker group."""
+    return write_json(folder, f"{ATTEMPTS_DIR}/{time.time_ns()}-{uuid.uuid4().hex[:8]}.json", record)
+
+
+def read_attempts(folder: str) -> list[dict[str, Any]]:
+    """The attempt records of a run folder, oldest first."""
+    from charlm import storage
+
+    out = []
+    for u in storage.ls(storage.join(folder, ATTEMPTS_DIR)):
+        if u.endswith(".json") and not storage.basename(u).startswith("."):
+            rec = _load_json(u)
+            if rec is not None:
+                out.append(rec)
+    out.sort(key=lambda r: r.get("time", 0.0))
+    return out
+
+
+# -- run folders in a store -----------------------------------------------------------------------
+def check_run_name(name: str) -> str:
+    if not _NAME_RE.match(name):
+        raise ValueError(
+            f"run name {name!r}: use 1-100 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return name
+
+
+def runs_root(store: str | None = None) -> str:
+    """<store>/runs (store: the argument, else $CHARLM_STORE, else ~/.charlm/store)."""
+    from charlm import storage
+
+    return storage.join(storage.store_root(store), "runs")
+
+
+def run_url(name: str, store: str | None = None) -> str:
+    from charlm import storage
+
+    return storage.join(runs_root(store), check_run_name(name))
+
+
+# -- finding checkpoints --------------------------------------------------------------------------
 def _is_file(url: str) -> bool:
+    from charlm import storage
+
     try:
         return storage.exists(url) and not storage.isdir(url)
     except storage.StorageError:
@@ -33,8 +151,10 @@ def _is_file(url: str) -> bool:
 def _snapshot_entries(folder: str) -> list[dict[str, Any]] | None:
     """Ray's committed checkpoints, [{dir, step, val_loss, latest}], or None without a snapshot."""
     try:
-        state = json.loads(storage.read_bytes(storage.join(folder, RAY_SNAPSHOT)))
-    except (storage.ObjectNotFoundError, ValueError):
+        state = read_json(folder, RAY_SNAPSHOT)
+    except RunFileError:
+        return None
+    if state is None:
         return None
     latest = (state.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
     out = []
@@ -53,6 +173,8 @@ def _snapshot_entries(folder: str) -> list[dict[str, Any]] | None:
 
 def ray_checkpoints(folder: str) -> list[str]:
     """URLs of the checkpoint files in a run folder's checkpoint_* dirs, oldest step first."""
+    from charlm import storage
+
     dirs = [u for u in storage.ls(folder) if storage.basename(u).startswith("checkpoint_")]
     dirs = [d for d in dirs if storage.isdir(d)]
     return [storage.join(d, CKPT_FILE) for d in sorted(dirs, key=storage.basename)]
@@ -69,12 +191,14 @@ def find_checkpoint(ref: str, which: str = "best", store: str | None = None) -> 
     """
     if which not in PUBLISHED:
         raise ValueError(f"which must be 'best' or 'last', got {which!r}")
+    from charlm import storage
+
     given = ref
     ref = storage.normalize_url(ref)
     if _is_file(ref):
         return ref
     if not storage.exists(ref):
-        named = storage.join(storage.store_root(store), "runs", given)
+        named = storage.join(runs_root(store), given)
         if "/" in given or "://" in given or not storage.exists(named):
             raise RunError(f"{given}: no such checkpoint file, run folder or run name")
         ref = named
@@ -96,13 +220,15 @@ def find_checkpoint(ref: str, which: str = "best", store: str | None = None) -> 
     found = [u for u in ray_checkpoints(ref) if _is_file(u)]
     if found:
         return found[-1]
-    raise RunError(f"{ref}: holds no best.pt, last.pt or checkpoint_*/{CKPT_FILE} (not a charlm run folder?)")
+    raise RunError(
+        f"{ref}: holds no {BEST_FILE}, {LAST_FILE} or checkpoint_*/{CKPT_FILE} (not a charlm run folder?)"
+    )
 
 
 def load_checkpoint(ref: str, which: str = "best", store: str | None = None) -> tuple[dict[str, Any], str]:
     """(checkpoint dict, its URL) for `find_checkpoint(ref, which, store)`, read through the storage
     adapter (local files directly; object stores as bytes)."""
-    from charlm import checkpoint
+    from charlm import checkpoint, storage
 
     url = find_checkpoint(ref, which, store)
     lp = storage.local_path(url)
