@@ -1,8 +1,8 @@
 """The registered model, as MLflow "models from code": a pyfunc around a charlm checkpoint.
 
 MLflow executes this file when a version is logged and when it is loaded
-(`mlflow.pyfunc.load_model("models:/NAME@champion")`); it is not imported by charlm itself, which
-is why it may import mlflow although charlm/tracking.py is otherwise the only module that does.
+(`mlflow.pyfunc.load_model("models:/NAME@champion")`); it is not imported by charlm itself.
+Like all of charlm's MLflow code it lives in charlm/tracking/.
 The loading environment needs charlm installed (torch, numpy).
 
 Input: a list of prompts, one prompt string, a pandas Series, or a DataFrame with a `prompt`
