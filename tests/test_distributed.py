@@ -27,6 +27,7 @@ import torch
 from charlm import checkpoint, distributed, runs, storage
 from charlm.config import TrainConfig
 from charlm.data import StreamBatcher
+from charlm.distributed import driver, worker
 from charlm.model import CharLM
 from charlm.vocab import Vocab
 
@@ -94,22 +95,22 @@ def test_rank_view_gives_each_rank_its_rows_of_the_all_streams_carry():
     h = torch.arange(2 * 8 * 3, dtype=torch.float32).reshape(2, 8, 3)
     ck = {"step": 5, "carry": [h, -h]}
     for rank in (0, 1):
-        got = distributed._rank_view(ck, rank, 2, 4)
+        got = worker._rank_view(ck, rank, 2, 4)
         assert torch.equal(got["carry"][0], h[:, rank * 4 : (rank + 1) * 4])
         assert torch.equal(got["carry"][1], -h[:, rank * 4 : (rank + 1) * 4])
     assert ck["carry"][0].shape[1] == 8  # the loaded checkpoint itself is untouched
-    assert distributed._rank_view(ck, 0, 1, 8) is ck
-    assert distributed._rank_view({"carry": None}, 1, 2, 4)["carry"] is None
+    assert worker._rank_view(ck, 0, 1, 8) is ck
+    assert worker._rank_view({"carry": None}, 1, 2, 4)["carry"] is None
 
 
 def test_limits_reached_detects_a_finished_checkpoint():
     ck = {"step": 60, "epoch": 1, "batch_in_epoch": 18, "train_seconds": 3.0}
-    assert distributed._limits_reached(CFG, ck, 42)
-    assert not distributed._limits_reached(CFG, {**ck, "step": 59}, 42)
+    assert worker._limits_reached(CFG, ck, 42)
+    assert not worker._limits_reached(CFG, {**ck, "step": 59}, 42)
     by_epoch = TrainConfig(max_epochs=1.5)
-    assert not distributed._limits_reached(by_epoch, ck, 42)
-    assert distributed._limits_reached(by_epoch, {**ck, "batch_in_epoch": 21}, 42)
-    assert distributed._limits_reached(TrainConfig(time_budget=0.05), ck, 42)
+    assert not worker._limits_reached(by_epoch, ck, 42)
+    assert worker._limits_reached(by_epoch, {**ck, "batch_in_epoch": 21}, 42)
+    assert worker._limits_reached(TrainConfig(time_budget=0.05), ck, 42)
 
 
 def test_a_failed_run_is_explained_by_its_first_cause():
@@ -119,7 +120,7 @@ def test_a_failed_run_is_explained_by_its_first_cause():
         "End of file. Some common causes..."
     )
     peer = RuntimeError("[gloo/pair.cc:537] Read error: Connection reset by peer. A remote worker crashed")
-    explain = distributed._explain_worker_failures
+    explain = driver._explain_worker_failures
     assert explain({0: peer, 1: died}) == (
         "worker rank 1 died (Worker unexpectedly exits with a connection error code 2)"
     )
@@ -169,8 +170,8 @@ def test_explicit_run_names_never_pick_up_another_run(tmp_path):
     spec, _ = distributed.resolve_data(str(corpus), CFG, store)
     url = distributed.run_url("mine", store)
     storage.write_text_atomic(
-        storage.join(url, distributed.RUN_FILE),
-        json.dumps(distributed._run_record(CFG, spec, str(corpus), "mine", WORKERS)),
+        storage.join(url, runs.RUN_FILE),
+        json.dumps(driver._run_record(CFG, spec, str(corpus), "mine", WORKERS)),
     )
     with pytest.raises(distributed.RunExistsError, match=r"mine: run mine already exists; pass --resume-run"):
         distributed.train_distributed(CFG, str(corpus), store=store, workers=WORKERS, run_name="mine")
@@ -188,7 +189,7 @@ def test_explicit_run_names_never_pick_up_another_run(tmp_path):
     with pytest.raises(distributed.RunExistsError, match=r"stray: folder exists but is not a charlm run"):
         distributed.train_distributed(CFG, str(corpus), store=store, workers=WORKERS, run_name="stray")
     # a finished run is returned as it is, never trained again
-    storage.write_text_atomic(storage.join(url, distributed.SUMMARY_FILE), json.dumps({"run_name": "mine"}))
+    storage.write_text_atomic(storage.join(url, runs.SUMMARY_FILE), json.dumps({"run_name": "mine"}))
     done = distributed.train_distributed(
         CFG, str(corpus), store=store, workers=WORKERS, run_name="mine", resume=True
     )
