@@ -15,23 +15,30 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-SPLITS = ("train", "val", "test")
+if TYPE_CHECKING:  # torch is imported where batches are made: ingestion uses split_sizes without it
+    import torch
 
 
 class CorpusTooSmallError(ValueError):
     pass
 
 
-def split_ids(ids: np.ndarray, val_frac: float = 0.05, test_frac: float = 0.05) -> dict[str, np.ndarray]:
-    """Contiguous train | val | test split (views, no copy). test may be empty."""
-    n = len(ids)
+def split_sizes(n: int, val_frac: float, test_frac: float) -> dict[str, int]:
+    """Sizes of the contiguous train | val | test splits of n ids: val and test rounded, train
+    the rest (split_ids, and the split files of a published dataset)."""
     n_test = round(n * test_frac)
     n_val = round(n * val_frac)
-    n_train = n - n_val - n_test
+    return {"train": n - n_val - n_test, "val": n_val, "test": n_test}
+
+
+def split_ids(ids: np.ndarray, val_frac: float = 0.05, test_frac: float = 0.05) -> dict[str, np.ndarray]:
+    """Contiguous train | val | test split (views, no copy), of split_sizes. test may be empty."""
+    sizes = split_sizes(len(ids), val_frac, test_frac)
+    n_train, n_val = sizes["train"], sizes["val"]
     return {
         "train": ids[:n_train],
         "val": ids[n_train : n_train + n_val],
@@ -132,6 +139,8 @@ class StreamBatcher:
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches start.. of the given epoch, as int64 tensors (B, T)."""
+        import torch
+
         x, y = self._streams(epoch)
         t = self.seq_len
         for i in range(start, self.batches_per_epoch(epoch)):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import subprocess
+import sys
 import tracemalloc
 import unicodedata
 from collections import Counter
@@ -474,6 +476,12 @@ def test_encoder_paths_agree_with_vocab(n_wide: int) -> None:
     if enc.bytewise:  # leads that do not match the text (the digest check catches the rest)
         with pytest.raises(SourceChangedError):
             enc.encode("x😀".encode(), "😀", np.array([0, 1]))
+
+
+def test_ingestion_does_not_import_torch() -> None:
+    # worker processes import charlm.ingest (and through it charlm.data for the split sizes)
+    code = "import sys, charlm.ingest, charlm.datasets; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
 def test_workers_run_registered_functions_only() -> None:

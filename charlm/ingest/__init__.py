@@ -39,8 +39,8 @@ The package does not import Prefect; flows/ingest.py wires these functions into 
 per concern:
 
 - errors.py: IngestError and its kinds;
-- format.py: the published format (FORMAT, SPLITS, split_sizes, read_manifest), which the reader
-  (charlm.datasets) shares; it imports nothing of the writer's;
+- format.py: the published format (FORMAT, SPLITS, read_manifest), which the reader
+  (charlm.datasets) shares; it imports nothing of the writer's (split sizes: charlm.data);
 - text.py: Policies, UTF-8 decoding under the policies (TextStream), reading objects' bytes;
 - pool.py: the helper thread (_Ordered) and the worker processes, which run only the functions
   registered with @worker_function;
@@ -63,7 +63,7 @@ from charlm.ingest.errors import (
     InvalidUTF8Error,
     SourceChangedError,
 )
-from charlm.ingest.format import FORMAT, SPLITS, read_manifest, split_sizes
+from charlm.ingest.format import FORMAT, SPLITS, read_manifest
 from charlm.ingest.pool import processes, tune_malloc
 from charlm.ingest.publishing import dataset_summary, ingest, publish, result_of, summary_markdown
 from charlm.ingest.scan import (
@@ -135,7 +135,6 @@ __all__ = [
     "scan_object",
     "scan_objects",
     "split_incomplete",
-    "split_sizes",
     "summary_markdown",
     "text",
     "tune_malloc",

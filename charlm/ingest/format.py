@@ -1,5 +1,6 @@
 """The published dataset format, shared by the writer (charlm.ingest) and the reader
-(charlm.datasets): the format tag, the splits and their sizes, the manifest.
+(charlm.datasets): the format tag, the splits, the manifest. The splits' sizes are
+charlm.data.split_sizes, the arithmetic training uses on a raw corpus too.
 
 A dataset is the folder ``<store>/datasets/<id>/`` with ``vocab.json``, one ``<split>.npy`` per
 split and ``manifest.json``, written last (docs/ingest.md). This module imports nothing of the
@@ -16,13 +17,6 @@ from charlm.ingest.errors import IngestError
 
 FORMAT = "charlm-dataset/1"
 SPLITS = ("train", "val", "test")
-
-
-def split_sizes(n: int, val_frac: float, test_frac: float) -> dict[str, int]:
-    """Same arithmetic as charlm.data.split_ids: contiguous train | val | test."""
-    n_test = round(n * test_frac)
-    n_val = round(n * val_frac)
-    return {"train": n - n_val - n_test, "val": n_val, "test": n_test}
 
 
 def read_manifest(folder: str) -> dict[str, Any] | None:

@@ -10,9 +10,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from charlm import __version__, storage
+from charlm.data import split_sizes
 from charlm.ingest.encode import _encode_parallel, _encode_sequential
 from charlm.ingest.errors import IngestError
-from charlm.ingest.format import FORMAT, SPLITS, read_manifest, split_sizes
+from charlm.ingest.format import FORMAT, SPLITS, read_manifest
 from charlm.ingest.pool import _parallelism, tune_malloc
 from charlm.ingest.scan import build_vocab, check_scans, dataset_id, list_sources, scan_objects
 from charlm.ingest.text import CHUNK_SIZE, Policies
