@@ -7,12 +7,15 @@ With bf16 the gates are computed in bf16 (the GEMMs produce bf16 anyway) while t
 state, which accumulates over thousands of steps, stays fp32. Upper LSTM/RNN layers run
 [x, h] @ [W_ih; W_hh]^T as one GEMM.
 
-Precision: `auto` on a CPU is int8 where it has 8-bit dot-product instructions (VNNI/AMX) and
-torch has oneDNN's quantized linear (x86): weights int8 per output row, hidden states uint8 (they
-lie in [-1, 1]), int32 products, fp32 gates and cell state. On models trained on tinyshakespeare
-it scores within 0.0003 nats/char of fp32 (bf16: 0.0001) and runs ~1.6x bf16's speed at 256
-streams (bench/sample_fidelity.py, bench/sample_throughput.py). Elsewhere `auto` is bf16 where
-the hardware has it, else fp32.
+Precision: `auto` is the fastest precision the device runs natively (charlm.capability). On an
+x86 CPU that is int8 (weights int8 per output row, int32 products, fp32 gates and cell state)
+through the fastest kernel whose sums the probe finds exact there: oneDNN's quantized linear
+with hidden states as uint8 (127 h + 128) on CPUs with VNNI or AMX, fbgemm's with 7-bit hidden
+states on AVX2 and up (AVX2 sums pairs of 8-bit products in int16, which saturates at 8 bits).
+On a tinyshakespeare 2x512 both score within 0.0003 nats/char of fp32 (bf16: 0.0001); oneDNN's
+runs ~1.3x bf16's speed at 256 streams, fbgemm's 1.6-1.7x fp32's on AVX2
+(bench/sample_fidelity.py, bench/sample_throughput.py, docs/benchmarks.md). Elsewhere `auto` is
+bf16 where the hardware has it, else fp32.
 
 Randomness: a sample is drawn as argmax(logits / temperature + Gumbel noise), where the noise for
 (stream id, step, character) is a counter-based hash of the seed. A stream's text therefore
@@ -223,10 +226,12 @@ class Sampler:
             return _Linear(weight, bias, gate_dtype, batch)
 
         w = {name: p.detach().float() for name, p in rnn.named_parameters()}
-        # torch's CPU tanh costs 4-7x its sigmoid, so the step computes tanh(x) as
-        # 2 sigmoid(2x) - 1: for an LSTM's c (fp32) always; for the pre-activations that go
-        # through tanh (LSTM's g, GRU's n, RNN's all) when the gates are fp32, by doubling their
-        # rows here. (In bf16, 2 sigmoid - 1 would lose tanh's relative precision near 0.)
+        # torch's CPU tanh cost 4-7x its sigmoid on the AMD EPYC this was tuned on (on an AMX
+        # Xeon fp32 tanh is the cheaper one: the best choice depends on the CPU), so the step
+        # computes tanh(x) as 2 sigmoid(2x) - 1: for an LSTM's c (fp32) always; for the
+        # pre-activations that go through tanh (LSTM's g, GRU's n, RNN's all) when the gates are
+        # fp32, by doubling their rows here. (In bf16, 2 sigmoid - 1 would lose tanh's relative
+        # precision near 0.)
         self._sigmoid_tanh = gate_dtype == torch.float32
         if self._sigmoid_tanh:
             gates = w["weight_hh_l0"].shape[0] // H  # LSTM 4: i, f, g, o; GRU 3: r, z, n; RNN 1
