@@ -31,40 +31,26 @@ from functools import partial
 
 import numpy as np
 import torch
+import trainbench
 
 from charlm import capability
 from charlm.config import TrainConfig
-from charlm.train import Callback, Run, train
+from charlm.train import Run, train
 
 V = 65
 
 
-class StepClock(Callback):
-    """Wall clock at charlm's step boundaries, from the end of step `warmup` to the end of step
-    `warmup + steps`, where it stops the run; written to `path` on rank 0 at the end when given
-    (the Ray workers' way back).
+class StepClock(trainbench.StepClock):
+    """trainbench's clock (no device to synchronise on the CPU), written to `path` on rank 0 at the
+    end when given (the Ray workers' way back).
 
-    train() asks should_stop once per step, after the whole step (update, logging and its
-    all-reduce), so two calls enclose exactly one iteration of its loop, the stop check's own
-    all-reduces included. Every rank stops at the same step, so the ranks agree. The run's
-    max_steps must lie beyond the last timed step: train() checks max_steps before it asks the
-    callbacks."""
+    In DDP, train() asks should_stop after the whole step (update, logging and its all-reduce), so
+    two calls enclose exactly one iteration of its loop, the stop check's own all-reduces included.
+    Every rank stops at the same step, so the ranks agree."""
 
     def __init__(self, warmup: int, steps: int, path: str | None = None) -> None:
-        self.warmup, self.steps, self.path = warmup, steps, path
-        self.t0 = self.t1 = 0.0
-
-    def should_stop(self, run: Run) -> bool:
-        if run.step == self.warmup:
-            self.t0 = time.perf_counter()
-        elif run.step == self.warmup + self.steps:
-            self.t1 = time.perf_counter()
-            return True
-        return False
-
-    @property
-    def seconds(self) -> float:
-        return self.t1 - self.t0
+        super().__init__(warmup, steps)
+        self.path = path
 
     def on_end(self, run: Run, result: dict) -> None:
         if self.path and run.dist.rank == 0:
@@ -186,6 +172,11 @@ def main() -> None:
     t0 = time.perf_counter()
     ensure_ray()
     ray_init_s = time.perf_counter() - t0
+    # the workers unpickle StepClock, whose base is trainbench's: ship that module by value, so that
+    # they need not find bench/ (where `python bench/ray_scaling.py` finds it) on their sys.path
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(trainbench)
     time.sleep(args.settle)  # Ray pre-starts idle worker processes after init: let their imports finish
 
     results: dict[str, list] = {"plain": [], "ray_1": [], "ray_2": []}
