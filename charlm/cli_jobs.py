@@ -10,15 +10,18 @@ from typing import Any
 
 
 def _generate(a: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
     from charlm import capability
     from charlm.generate import GenerateConfig
-    from flows.generate import generate
 
     if a.workers <= 1 or not os.environ.get("RAY_ADDRESS"):
         # the job runs on this machine: in-process on its CPU, or on local Ray actors (a GPU each
         # where it has them); on a cluster each actor's Sampler refuses it first
-        gpu = a.workers > 1 and capability.torch.cuda.is_available()
+        gpu = a.workers > 1 and torch.cuda.is_available()
         capability.resolve(a.precision, "cuda" if gpu else "cpu", "sample")
+    from flows.generate import generate  # Prefect starts logging on import: after the checks
+
     cfg = GenerateConfig(
         num_samples=a.num_samples,
         length=a.length,
@@ -42,10 +45,11 @@ def _generate(a: argparse.Namespace) -> dict[str, Any]:
 
 def _pipeline(a: argparse.Namespace) -> dict[str, Any]:
     from charlm.cli import check_train_precision, train_config_from_args
-    from flows.pipeline import pipeline
 
     cfg = train_config_from_args(a)
     check_train_precision(cfg.precision, "auto", True, a.gpu)  # before the corpus is ingested
+    from flows.pipeline import pipeline  # Prefect starts logging on import: after the checks
+
     scaling = {"workers": a.workers, "use_gpu": a.gpu, "max_failures": a.max_failures}
     gen = {"num_samples": a.num_samples, "length": a.length}
     res = pipeline(
