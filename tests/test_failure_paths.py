@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import TEXT, tiny_cfg
 
 import charlm.train
 from charlm import checkpoint
@@ -19,8 +20,6 @@ from charlm.model import CharLM
 from charlm.train import Callback, TrainingDiverged, train
 from charlm.vocab import Vocab
 
-TEXT = "the quick brown fox jumps over the lazy dog. " * 60
-
 
 def _data(text: str = TEXT) -> tuple[Vocab, dict, str]:
     vocab = Vocab.from_text(text)
@@ -29,23 +28,7 @@ def _data(text: str = TEXT) -> tuple[Vocab, dict, str]:
 
 
 def _cfg(**kw) -> TrainConfig:
-    base = dict(
-        hidden_size=32,
-        embed_size=8,
-        num_layers=2,
-        dropout=0.0,
-        seq_len=16,
-        batch_size=4,
-        max_steps=12,
-        eval_every=5,
-        log_every=1,
-        warmup_steps=5,
-        precision="fp32",
-        seed=3,
-        lr=1e-2,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+    return tiny_cfg(**{"dropout": 0.0, "max_steps": 12, "eval_every": 5, **kw})
 
 
 class Evals(Callback):

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from tiny import TEXT, tiny_cfg
 
 import charlm.sample
 from charlm import capability, checkpoint
@@ -19,8 +20,6 @@ from charlm.sample import Sampler, sample
 from charlm.train import Callback, TrainingDiverged, evaluate, train
 from charlm.vocab import UnknownCharactersError, Vocab
 
-TEXT = "the quick brown fox jumps over the lazy dog. " * 60
-
 
 def _data(text=TEXT, val=0.1):
     vocab = Vocab.from_text(text)
@@ -28,24 +27,7 @@ def _data(text=TEXT, val=0.1):
     return vocab, split_ids(ids, val, 0.0)
 
 
-def _cfg(**kw):
-    base = dict(
-        hidden_size=32,
-        embed_size=8,
-        num_layers=2,
-        dropout=0.1,
-        seq_len=16,
-        batch_size=4,
-        max_steps=30,
-        eval_every=10,
-        log_every=1,
-        warmup_steps=5,
-        precision="fp32",
-        seed=3,
-        lr=1e-2,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+_cfg = tiny_cfg
 
 
 class Recorder(Callback):
