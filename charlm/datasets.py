@@ -57,7 +57,7 @@ class Dataset:
 
 
 def _datasets_root(store: str | None) -> str:
-    return storage.join(storage.store_root(store), "datasets")
+    return storage.Store.at(store).datasets()
 
 
 def _load_split(folder: str, name: str, entry: dict[str, Any], dtype: np.dtype) -> np.ndarray:

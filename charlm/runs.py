@@ -129,7 +129,7 @@ def runs_root(store: str | None = None) -> str:
     """<store>/runs (store: the argument, else $CHARLM_STORE, else ~/.charlm/store)."""
     from charlm import storage
 
-    return storage.join(storage.store_root(store), "runs")
+    return storage.Store.at(store).runs()
 
 
 def run_url(name: str, store: str | None = None) -> str:

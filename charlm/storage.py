@@ -30,7 +30,6 @@ from fsspec.core import split_protocol
 
 DEFAULT_STORE = "~/.charlm/store"
 STORE_ENV = "CHARLM_STORE"
-STORE_FOLDERS = ("datasets", "runs", "samples")
 
 # Object stores where a PUT / completed multipart upload is atomic: the key appears whole or not
 # at all, so a writer can target the final key directly and abort on failure.
@@ -98,6 +97,32 @@ def normalize_url(url: str) -> str:
 def store_root(url: str | None = None) -> str:
     """The store root: the argument, else $CHARLM_STORE, else ~/.charlm/store."""
     return normalize_url(url or os.environ.get(STORE_ENV) or DEFAULT_STORE)
+
+
+@dataclass(frozen=True)
+class Store:
+    """A store root and its folder layout. The only code that joins the layout's folder names:
+    datasets/<id>/, runs/<run name>/, samples/<job>/ and MLflow's artifacts when no server
+    decides where they go."""
+
+    root: str
+
+    @classmethod
+    def at(cls, url: str | None = None) -> Store:
+        """The store at `url`, else $CHARLM_STORE, else ~/.charlm/store."""
+        return cls(store_root(url))
+
+    def datasets(self, *parts: str) -> str:
+        return join(self.root, "datasets", *parts)
+
+    def runs(self, *parts: str) -> str:
+        return join(self.root, "runs", *parts)
+
+    def samples(self, *parts: str) -> str:
+        return join(self.root, "samples", *parts)
+
+    def mlflow_artifacts(self) -> str:
+        return join(self.root, "mlflow-artifacts")
 
 
 def join(url: str, *parts: str) -> str:

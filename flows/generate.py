@@ -25,7 +25,7 @@ from charlm.generate import GenerateConfig
 def default_out(model: str, prompts: str, config: dict[str, Any], store: str | None) -> str:
     key = json.dumps({"model": model, "prompts": prompts, "config": config}, sort_keys=True)
     job = "gen-" + hashlib.sha256(key.encode()).hexdigest()[:12]
-    return storage.join(storage.store_root(store), "samples", job)
+    return storage.Store.at(store).samples(job)
 
 
 def _progress_printer():

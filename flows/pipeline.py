@@ -89,7 +89,7 @@ def train_and_register(
 
 @task(name="default-prompts", cache_policy=NONE)
 def default_prompts(store: str | None) -> str:
-    url = storage.join(storage.store_root(store), "samples", "default-prompts.txt")
+    url = storage.Store.at(store).samples("default-prompts.txt")
     if not storage.exists(url):
         storage.write_text_atomic(url, "\n".join(DEFAULT_PROMPTS) + "\n")
     return url

@@ -22,6 +22,21 @@ def test_store_root_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path) -> Non
     assert storage.store_root("file:///tmp/x/") == "/tmp/x"
 
 
+def test_the_store_owns_its_layout(monkeypatch: pytest.MonkeyPatch) -> None:
+    store = storage.Store.at("s3://team/store/")
+    assert store.root == "s3://team/store"
+    assert store.datasets("ab12", "manifest.json") == "s3://team/store/datasets/ab12/manifest.json"
+    assert (
+        store.runs() == "s3://team/store/runs" and store.samples("gen-1") == "s3://team/store/samples/gen-1"
+    )
+    assert store.mlflow_artifacts() == "s3://team/store/mlflow-artifacts"
+    monkeypatch.setenv("CHARLM_STORE", "/srv/charlm/")
+    assert storage.Store.at().datasets() == "/srv/charlm/datasets"
+    from charlm import datasets, runs
+
+    assert runs.runs_root() == "/srv/charlm/runs" and datasets._datasets_root(None) == "/srv/charlm/datasets"
+
+
 def test_join_and_protocols() -> None:
     assert (
         storage.join("s3://b/p/", "datasets", "/id/", "manifest.json") == "s3://b/p/datasets/id/manifest.json"

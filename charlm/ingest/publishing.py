@@ -42,9 +42,8 @@ def publish(
     with reused=True and nothing is written.
     """
     warnings = check_scans(scans)
-    root = storage.store_root(store)
     did = dataset_id(policies, scans)
-    folder = storage.join(root, "datasets", did)
+    folder = storage.Store.at(store).datasets(did)
     existing = read_manifest(folder)
     if existing is not None:
         return result_of(existing, folder, reused=True, warnings=warnings)

@@ -52,7 +52,7 @@ def resolve_tracking_uri(
 
 def artifact_root(store: str | None = None) -> str:
     """Where experiments created by charlm keep artifacts when no server decides: in the store."""
-    root = storage.join(storage.store_root(store), "mlflow-artifacts")
+    root = storage.Store.at(store).mlflow_artifacts()
     local = storage.local_path(root)
     return Path(local).as_uri() if local is not None else root
 
