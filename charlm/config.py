@@ -152,3 +152,34 @@ class TrainConfig(_Config):
             dropout=self.dropout,
             weight_drop=self.weight_drop,
         )
+
+
+@dataclass(frozen=True)
+class SamplingParams(_Config):
+    """How samples are drawn: the one home of the sampling defaults.
+
+    `charlm sample`, `charlm generate` (GenerateConfig extends this), the registered model's
+    params (charlm.tracking.PARAM_DEFAULTS) and the training run's logged samples all take their
+    defaults from here. `charlm.sample.Sampler.generate` keeps its own keyword defaults.
+    """
+
+    length: int = 500  # characters generated per sample (the prompt not counted)
+    temperature: float = 0.8  # 0 = argmax
+    top_k: int = 0  # keep the k most likely characters; 0 = all
+    top_p: float = 1.0  # nucleus sampling mass; 1 = all
+    seed: int = 0  # a sample is a pure function of (seed, stream id)
+    stop: str | None = None  # end a sample where this string appears (it is not kept)
+
+    def __post_init__(self) -> None:
+        if self.length < 1:
+            raise ValueError(f"length must be >= 1, got {self.length}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError("need temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(SamplingParams))
+
+    def sampling_params(self) -> dict[str, Any]:
+        """Just the sampling fields (also of a subclass such as GenerateConfig)."""
+        return {k: getattr(self, k) for k in self.names()}

@@ -15,7 +15,7 @@ import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from charlm.config import SAMPLE_PRECISIONS, _Config
+from charlm.config import SAMPLE_PRECISIONS, SamplingParams
 from charlm.sample import Sampler
 from charlm.vocab import UnknownCharactersError
 
@@ -25,27 +25,21 @@ class PromptsError(ValueError):
 
 
 @dataclass(frozen=True)
-class GenerateConfig(_Config):
+class GenerateConfig(SamplingParams):
+    """A generation job: SamplingParams (length, temperature, top_k, top_p, seed, stop and their
+    defaults) plus how many samples per prompt and how the job runs. Its dict is the flow's
+    parameter and each record's `config`."""
+
     num_samples: int = 1
-    length: int = 500
-    temperature: float = 0.8
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
-    stop: str | None = None
     batch_size: int = 256  # streams per forward step
     precision: str = "auto"  # charlm.sample.Sampler's: auto | fp32 | bf16 | int8
 
     def __post_init__(self) -> None:
-        if self.num_samples < 1 or self.length < 1 or self.batch_size < 1:
-            raise ValueError("num_samples, length and batch_size must be positive")
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
-            raise ValueError("need temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
+        super().__post_init__()
+        if self.num_samples < 1 or self.batch_size < 1:
+            raise ValueError("num_samples and batch_size must be positive")
         if self.precision not in SAMPLE_PRECISIONS:
             raise ValueError(f"precision must be one of {SAMPLE_PRECISIONS}, got {self.precision!r}")
-
-    def sampling_params(self) -> dict:
-        return {k: getattr(self, k) for k in ("length", "temperature", "top_k", "top_p", "seed", "stop")}
 
 
 @dataclass(frozen=True)
