@@ -377,6 +377,43 @@ def add_sample_precision_flag(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    """--length, --temperature, --top-k, --top-p, --seed and --stop, defaults from SamplingParams
+    (`charlm sample` and `charlm generate`); sampling_from_args reads them back."""
+    from charlm.config import SamplingParams
+
+    d = SamplingParams()
+    p.add_argument(
+        "--length", type=int, default=d.length, help="characters to generate per sample (default %(default)s)"
+    )
+    p.add_argument(
+        "--temperature", type=float, default=d.temperature, help="0 = argmax (default %(default)s)"
+    )
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=d.top_k,
+        help="keep the k most likely characters, 0 = all (default %(default)s)",
+    )
+    p.add_argument("--top-p", type=float, default=d.top_p, help="nucleus sampling mass (default %(default)s)")
+    p.add_argument(
+        "--seed", type=int, default=d.seed, help="samples are reproducible for a seed (default %(default)s)"
+    )
+    p.add_argument(
+        "--stop",
+        default=d.stop,
+        help="end a sample where this string appears; it is not kept "
+        + ("(default: none)" if d.stop is None else "(default %(default)r)"),
+    )
+
+
+def sampling_from_args(a: argparse.Namespace) -> dict[str, Any]:
+    """The SamplingParams fields of parsed add_sampling_flags flags, by name."""
+    from charlm.config import SamplingParams
+
+    return {k: getattr(a, k) for k in SamplingParams.names()}
+
+
 def _add_sample_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--prime",
@@ -385,17 +422,8 @@ def _add_sample_flags(p: argparse.ArgumentParser) -> None:
         default=None,
         help="text to start from; repeat for several streams (default: one character drawn from the corpus frequencies)",
     )
-    p.add_argument(
-        "--length", type=int, default=500, help="characters to generate per sample (default %(default)s)"
-    )
     p.add_argument("--num-samples", type=int, default=1, help="samples per prime (default %(default)s)")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = argmax (default %(default)s)")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely characters (0 = all)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default %(default)s)")
-    p.add_argument(
-        "--seed", type=int, default=0, help="samples are reproducible for a seed (default %(default)s)"
-    )
-    p.add_argument("--stop", default=None, help="stop a sample when this string appears (it is not printed)")
+    add_sampling_flags(p)
     add_sample_precision_flag(p)
 
 
@@ -416,16 +444,8 @@ def generate_samples(model, vocab, a: argparse.Namespace, stream: bool) -> tuple
             sys.stdout.write(text)
             sys.stdout.flush()
 
-    texts = sampler.generate(
-        prompts,
-        a.length,
-        temperature=a.temperature,
-        top_k=a.top_k,
-        top_p=a.top_p,
-        seed=a.seed,
-        stop=a.stop,
-        on_text=on_text,
-    )
+    params = sampling_from_args(a)
+    texts = sampler.generate(prompts, params.pop("length"), **params, on_text=on_text)
     if stream and len(prompts) == 1:
         sys.stdout.write("\n")
     elif stream:
@@ -443,10 +463,7 @@ def cmd_sample(a: argparse.Namespace) -> dict:
     return {
         "model": label,
         "step": ck.get("step"),
-        "params": {
-            k: getattr(a, k)
-            for k in ("length", "temperature", "top_k", "top_p", "seed", "stop", "num_samples")
-        },
+        "params": {**sampling_from_args(a), "num_samples": a.num_samples},
         "precision": precision,
         "samples": samples,
     }

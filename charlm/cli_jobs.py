@@ -13,6 +13,7 @@ def _generate(a: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from charlm import capability
+    from charlm.cli import sampling_from_args
     from charlm.generate import GenerateConfig
 
     if a.workers <= 1 or not os.environ.get("RAY_ADDRESS"):
@@ -23,15 +24,7 @@ def _generate(a: argparse.Namespace) -> dict[str, Any]:
     from flows.generate import generate  # Prefect starts logging on import: after the checks
 
     cfg = GenerateConfig(
-        num_samples=a.num_samples,
-        length=a.length,
-        temperature=a.temperature,
-        top_k=a.top_k,
-        top_p=a.top_p,
-        seed=a.seed,
-        stop=a.stop,
-        batch_size=a.batch_size,
-        precision=a.precision,
+        **sampling_from_args(a), num_samples=a.num_samples, batch_size=a.batch_size, precision=a.precision
     )
     res = generate(a.model, a.prompts, a.out, cfg.to_dict(), a.workers, a.store, progress=not a.json)
     if not a.json:
@@ -138,7 +131,7 @@ def _demo(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    from charlm.cli import add_sample_precision_flag
+    from charlm.cli import add_sample_precision_flag, add_sampling_flags
 
     g = sub.add_parser(
         "generate",
@@ -152,12 +145,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--prompts", required=True, help="URL or path of the prompts file")
     g.add_argument("--out", default=None, help="output folder URL (default <store>/samples/gen-<hash>)")
     g.add_argument("--num-samples", type=int, default=1, help="samples per prompt (default %(default)s)")
-    g.add_argument("--length", type=int, default=500, help="characters per sample (default %(default)s)")
-    g.add_argument("--temperature", type=float, default=0.8, help="0 = argmax (default %(default)s)")
-    g.add_argument("--top-k", type=int, default=0, help="(default: off)")
-    g.add_argument("--top-p", type=float, default=1.0, help="(default %(default)s)")
-    g.add_argument("--seed", type=int, default=0, help="(default %(default)s)")
-    g.add_argument("--stop", default=None, help="end a sample at this string")
+    add_sampling_flags(g)
     g.add_argument(
         "--batch-size", type=int, default=256, help="streams per forward step (default %(default)s)"
     )
@@ -168,6 +156,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     g.set_defaults(func=_generate)
 
     from charlm.cli import _add_train_flags
+    from charlm.config import SamplingParams
 
     p = sub.add_parser(
         "pipeline",
@@ -189,7 +178,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--prompts", default=None, help="prompts file for the sample set (default: a few built-in prompts)"
     )
     p.add_argument("--num-samples", type=int, default=2, help="samples per prompt (default %(default)s)")
-    p.add_argument("--length", type=int, default=300, help="characters per sample (default %(default)s)")
+    p.add_argument(
+        "--length",
+        type=int,
+        default=SamplingParams().length,
+        help="characters per sample (default %(default)s)",
+    )
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout at the end")
     _add_train_flags(p)

@@ -143,7 +143,7 @@ def pipeline(
         name, trained["version"], alias=alias, margin=margin, tracking_uri=tracking_uri, store=store
     )
 
-    gcfg = GenerateConfig.from_dict(generate_config or {"num_samples": 2, "length": 300})
+    gcfg = GenerateConfig.from_dict(generate_config or {"num_samples": 2})
     prompts = prompts or default_prompts(store)
     model = f"models:/{name}/{trained['version']}"
     out = default_out(model, prompts, gcfg.to_dict(), store)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from charlm import checkpoint
-from charlm.config import ModelConfig, TrainConfig
+from charlm.config import ModelConfig, SamplingParams, TrainConfig
 from charlm.data import CorpusTooSmallError, StreamBatcher, check_sizes, split_ids
 from charlm.model import CharLM
 from charlm.vocab import UnknownCharactersError, Vocab, dtype_for
@@ -291,6 +291,28 @@ def test_tampered_checkpoints_are_refused(tmp_path):
     ck["train_state_dict"] = {k: v for k, v in ck["state_dict"].items() if k != "head.bias"}
     with pytest.raises(checkpoint.CheckpointError, match=r"train_state_dict does not match"):
         checkpoint.validate(ck, "part.pt")
+
+
+# -- sampling defaults -------------------------------------------------------------------------
+
+
+def test_sampling_params_validate_and_are_the_cli_and_generate_defaults():
+    d = SamplingParams()
+    assert SamplingParams.from_dict(json.loads(json.dumps(d.to_dict()))) == d
+    for bad in ({"length": 0}, {"temperature": -0.1}, {"top_p": 0.0}, {"top_p": 1.5}, {"top_k": -1}):
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)
+    from charlm.cli import build_parser
+    from charlm.generate import GenerateConfig
+
+    g = GenerateConfig()
+    assert g.sampling_params() == d.to_dict() and isinstance(g, SamplingParams)
+    assert set(g.to_dict()) == {*d.to_dict(), "num_samples", "batch_size", "precision"}
+    parser = build_parser()
+    for argv in (["sample", "m"], ["generate", "m", "--prompts", "p"]):
+        a = parser.parse_args(argv)
+        assert {k: getattr(a, k) for k in d.to_dict()} == d.to_dict(), argv
+    assert parser.parse_args(["pipeline", "c", "--name", "n"]).length == d.length
 
 
 def test_core_imports_no_frameworks():
