@@ -355,3 +355,12 @@ def test_unreachable_server_is_one_line_and_training_keeps_its_metrics(
     client = trk._activate(sqlite_tracking)
     assert [m.step for m in client.get_metric_history(r.run_id, "train_loss")] == [5]
     assert [m.step for m in client.get_metric_history(r.run_id, "val_loss")] == [10]
+
+
+def test_pyfunc_and_logged_samples_take_the_sampling_defaults():
+    from charlm.config import SamplingParams
+
+    d = SamplingParams()
+    assert {**d.to_dict(), "stop": "", "num_samples": 1, "precision": "auto"} == trk.PARAM_DEFAULTS
+    cb = trk.TrackingCallback("file:///nowhere", "run")
+    assert (cb.sample_length, cb.sample_seed) == (d.length, d.seed)

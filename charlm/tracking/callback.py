@@ -19,6 +19,7 @@ from mlflow.exceptions import MlflowException
 
 from charlm import __version__
 from charlm.checkpoint import clean_state_dict
+from charlm.config import SamplingParams
 from charlm.tracking.redact import _str, display_uri
 from charlm.tracking.session import _log_batch, _log_json, _log_text, is_unreachable
 from charlm.train import Callback, Run
@@ -44,7 +45,8 @@ class TrackingCallback(Callback):
     Params at start (the full TrainConfig, effective batch size, precision, world size, device,
     vocab size, parameter count, charlm/torch versions); metrics of every log and eval record,
     buffered and written once per evaluation; at the end vocab.json, metrics.json, loss.png and
-    samples.md / samples.html: the best weights sampled at each temperature of `temperatures`.
+    samples.md / samples.html: the best weights sampled at each temperature of `temperatures`
+    (length and seed by default SamplingParams').
 
     Built from plain values (tracking URI, run id, options), so it pickles and works in another
     process (a Ray worker). The run's status is left to whoever opened it (start_run).
@@ -57,8 +59,8 @@ class TrackingCallback(Callback):
         *,
         sample_prompts: Sequence[str] = ("",),
         samples_per_prompt: int = 2,
-        sample_length: int = 200,
-        sample_seed: int = 0,
+        sample_length: int = SamplingParams.length,
+        sample_seed: int = SamplingParams.seed,
         temperatures: Sequence[float] = SAMPLE_TEMPERATURES,
     ) -> None:
         self.tracking_uri = tracking_uri

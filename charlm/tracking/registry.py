@@ -18,6 +18,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from charlm import __version__, storage
+from charlm.config import SamplingParams
 from charlm.errors import first_line
 from charlm.tracking.redact import _clip, _str, redact
 from charlm.tracking.session import (
@@ -35,15 +36,12 @@ MODEL_ARTIFACT = "model"
 CHECKPOINT_FILE = "checkpoint.pt"
 MODEL_CODE = str(Path(__file__).with_name("mlflow_model.py"))
 
-# The registered model's params and their defaults (the pyfunc's signature is built from these).
+# The registered model's params and their defaults (the pyfunc's signature is built from these):
+# SamplingParams' (no stop is "": a signature param needs a typed default, not None) plus the
+# pyfunc's own num_samples and precision.
 PARAM_DEFAULTS: dict[str, Any] = {
-    "length": 200,
-    "temperature": 0.8,
-    "top_k": 0,
-    "top_p": 1.0,
-    "seed": 0,
+    **{k: "" if v is None else v for k, v in SamplingParams().to_dict().items()},
     "num_samples": 1,
-    "stop": "",
     "precision": "auto",
 }
 
