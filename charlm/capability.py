@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from charlm.config import PRECISIONS, SAMPLE_PRECISIONS
+
 # Environment that caps every CPU library at one ISA level; set before torch's first kernel runs.
 CAPS: dict[str, dict[str, str]] = {
     "avx2": {
@@ -55,9 +57,6 @@ CPU_FLAGS = {
     "amx_bf16": "amx_bf16",
     "amx_int8": "amx_int8",
 }
-
-TRAIN_PRECISIONS = ("fp32", "bf16")
-SAMPLE_PRECISIONS = ("fp32", "bf16", "int8")
 
 
 class PrecisionUnavailable(ValueError):
@@ -264,9 +263,9 @@ def resolve(precision: str, device: torch.device | str, stage: str) -> str:
     ok = caps.train if stage == "train" else caps.sample
     if precision in ok:
         return precision
-    known = TRAIN_PRECISIONS if stage == "train" else SAMPLE_PRECISIONS
+    known = PRECISIONS if stage == "train" else SAMPLE_PRECISIONS
     if precision not in known:
-        raise ValueError(f"precision must be one of {('auto', *known)}, got {precision!r}")
+        raise ValueError(f"precision must be one of {known}, got {precision!r}")
     why = caps.missing.get(precision, "not available")
     raise PrecisionUnavailable(
         f"precision {precision} cannot {stage} on {dev.type}: {why}; precisions that run here: "

@@ -33,7 +33,6 @@ import torch
 import torch.nn.functional as F
 
 from charlm import capability
-from charlm.config import SAMPLE_PRECISIONS
 from charlm.model import CharLM
 from charlm.vocab import Vocab
 
@@ -90,6 +89,14 @@ NOISE_BLOCK = 32  # steps of Gumbel noise drawn at once (N x 32 x V fp32: 2 MiB 
 ACT7 = 63.5  # fbgemm-avx2: a hidden state h in [-1, 1] is held as round(63.5 h) + 64, 7 bits
 
 
+def _quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, K) weights -> int8 (out, K) and one fp32 scale per output row (out,), |q| <= 127."""
+    w = weight.detach().float()
+    row_max = w.abs().amax(1)
+    w_scale = torch.where(row_max > 0, row_max / 127.0, torch.ones_like(row_max))
+    return torch.round(w / w_scale[:, None]).clamp_(-127, 127).to(torch.int8), w_scale
+
+
 class _Fbgemm7Linear:
     """y = x @ W^T + b through fbgemm's int8 GEMM, for CPUs without 8-bit dot products (AVX2).
 
@@ -102,10 +109,7 @@ class _Fbgemm7Linear:
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        w = weight.detach().float()  # (out, K)
-        row_max = w.abs().amax(1)
-        w_scale = torch.where(row_max > 0, row_max / 127.0, torch.ones_like(row_max))  # (out,)
-        wq = torch.round(w / w_scale[:, None]).clamp_(-127, 127).to(torch.int8)
+        wq, w_scale = _quantize_rows(weight)
         b = bias.detach().float().contiguous() if bias is not None else None
         self.packed = capability.fbgemm_linear_prepack(wq, w_scale, b)
 
@@ -127,10 +131,7 @@ class _Int8Linear:
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, batch: int, fused: bool) -> None:
-        w = weight.detach().float()  # (out, K)
-        row_max = w.abs().amax(1)
-        w_scale = torch.where(row_max > 0, row_max / 127.0, torch.ones_like(row_max))  # (out,)
-        wq = torch.round(w / w_scale[:, None]).clamp_(-127, 127).to(torch.int8)  # (out, K)
+        wq, w_scale = _quantize_rows(weight)
         self.b = bias.detach().float() if bias is not None else None
         self.packed = None
         if fused:
@@ -186,9 +187,7 @@ class Sampler:
         self.model = model.to(self.device).eval()
         self.vocab = vocab
         self.cfg = model.config
-        if precision not in SAMPLE_PRECISIONS:
-            raise ValueError(f"precision must be one of {SAMPLE_PRECISIONS}, got {precision!r}")
-        # refuses, in one line, a precision this device does not run natively
+        # refuses an unknown precision, and in one line one this device does not run natively
         self.precision = capability.resolve(precision, self.device, "sample")
         kernels = capability.probe(self.device).int8_kernels
         if int8_kernel is not None and self.precision == "int8" and int8_kernel not in kernels:
