@@ -1,4 +1,5 @@
-"""Storage adapter: read, list and write by URL. The only module that imports fsspec/s3fs.
+"""Storage adapter: read, list and write by URL. With charlm.storage_retry (its failure policy),
+the only module that imports fsspec/s3fs.
 
 URLs are anything fsspec understands: ``s3://bucket/key``, ``file:///path`` or a plain path,
 ``memory://x``, ``gs://...`` and so on. Credentials and endpoints come from the environment only
@@ -10,16 +11,17 @@ listings: a corpus prefix is re-listed every time, so a changed object is always
 
 Errors are translated into :class:`StorageError` subclasses with one line that names the URL:
 :class:`ObjectNotFoundError` and :class:`TransientStorageError` (connection refused or reset,
-timeouts, throttling, 5xx: worth retrying; the Prefect flows retry only these).
+timeouts, throttling, 5xx: worth retrying; the Prefect flows retry only these), of which
+:class:`StorageUnreachableError` names the endpoint that could not be reached. How S3 requests
+time out and retry, within one budget ($CHARLM_STORAGE_RETRY_S), is in charlm.storage_retry;
+checks of a store before work starts are in charlm.storage_check.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import secrets
-import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -27,6 +29,20 @@ from typing import IO, Any
 
 import fsspec
 from fsspec.core import split_protocol
+
+# re-exported: failures are classified, retried and reported in charlm.storage_retry
+from charlm.storage_retry import (  # noqa: F401
+    BUDGET_ENV,
+    ObjectNotFoundError,
+    RetryBudget,
+    StorageError,
+    StorageUnreachableError,
+    TransientStorageError,
+    install_s3_retry_policy,
+    is_transient,
+    translate_error,
+)
+from charlm.storage_retry import errors as _errors
 
 DEFAULT_STORE = "~/.charlm/store"
 STORE_ENV = "CHARLM_STORE"
@@ -37,18 +53,6 @@ _ATOMIC_PUT = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
 _LOCAL = frozenset({"file", "local"})
 _GLOB_CHARS = frozenset("*?[")
 MIN_WRITE_BLOCK = 8 << 20  # multipart part size (S3 needs >= 5 MiB); bounds writer memory
-
-
-class StorageError(OSError):
-    """A storage operation failed; the message names the URL."""
-
-
-class ObjectNotFoundError(StorageError, FileNotFoundError):
-    """No object, prefix or match at a URL."""
-
-
-class TransientStorageError(StorageError):
-    """Connection refused/reset, timeout, throttling or a 5xx: retrying may succeed."""
 
 
 @dataclass(frozen=True)
@@ -162,11 +166,16 @@ def filesystem(url: str) -> tuple[Any, str]:
         if any(k[0] != key[0] for k in _fs_cache):  # forked: drop the parent's instances
             _fs_cache.clear()
         options: dict[str, Any] = {}
+        budget = None
         if proto not in _LOCAL:
             options["use_listings_cache"] = False
         if proto in ("s3", "s3a"):
             options["skip_instance_cache"] = True
+            budget = install_s3_retry_policy()  # timeouts and one retry budget
+            options["config_kwargs"] = budget.botocore_config()
         fs = fsspec.filesystem(proto, **options)
+        if budget is not None:
+            fs.retries = budget.max_tries  # s3fs's own loop: the only one
         _fs_cache[key] = fs
     path = fs._strip_protocol(url)
     if proto in _LOCAL:
@@ -183,118 +192,6 @@ def _url(fs: Any, path: str, like: str) -> str:
     if is_local(like):
         return path
     return fs.unstrip_protocol(path)
-
-
-# -- errors -------------------------------------------------------------------------------------------
-_TRANSIENT_ERRNOS = frozenset(
-    {
-        errno.ECONNREFUSED,
-        errno.ECONNRESET,
-        errno.ECONNABORTED,
-        errno.ETIMEDOUT,
-        errno.EPIPE,
-        errno.EHOSTUNREACH,
-        errno.ENETUNREACH,
-        errno.ENETDOWN,
-        errno.EAGAIN,
-        errno.EBUSY,  # s3fs: SlowDown / ServiceUnavailable / 503
-        getattr(errno, "EREMOTEIO", 121),  # s3fs: InternalError / 500
-    }
-)
-_TRANSIENT_CODES = frozenset(
-    {
-        "SlowDown",
-        "Throttling",
-        "ThrottlingException",
-        "RequestTimeout",
-        "RequestTimeoutException",
-        "InternalError",
-        "ServiceUnavailable",
-        "500",
-        "502",
-        "503",
-        "504",
-    }
-)
-
-
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    seen: set[int] = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen and len(seen) < 8:
-        seen.add(id(e))
-        yield e
-        e = e.__cause__ or e.__context__
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Whether an error (or one it was raised from) is worth retrying."""
-    for e in _chain(exc):
-        if isinstance(e, TransientStorageError):
-            return True
-        if isinstance(e, ObjectNotFoundError | PermissionError):
-            return False
-        if isinstance(e, ConnectionError | TimeoutError):
-            return True
-        if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS:
-            return True
-        if "botocore" in sys.modules:
-            from botocore import exceptions as bx
-
-            transient = (
-                bx.ConnectionError,
-                bx.HTTPClientError,
-                bx.IncompleteReadError,
-                bx.ResponseStreamingError,
-            )
-            if isinstance(e, transient):
-                return True
-            if isinstance(e, bx.ClientError):
-                code = str(e.response.get("Error", {}).get("Code", ""))
-                status = str(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
-                if code in _TRANSIENT_CODES or status in _TRANSIENT_CODES:
-                    return True
-        if "aiohttp" in sys.modules:
-            import aiohttp
-
-            if isinstance(e, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError):
-                return True
-        if type(e).__name__ == "FSTimeoutError":
-            return True
-    return False
-
-
-def _short(exc: BaseException) -> str:
-    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return msg if len(msg) <= 300 else msg[:297] + "..."
-
-
-def translate_error(exc: BaseException, url: str, action: str = "") -> StorageError:
-    """A StorageError subclass naming the URL, for any error raised by a storage backend."""
-    if isinstance(exc, StorageError):
-        return exc
-    what = f"{action} " if action else ""
-    if isinstance(exc, FileNotFoundError):
-        return ObjectNotFoundError(f"{url}: {what}not found")
-    if isinstance(exc, PermissionError):
-        return StorageError(f"{url}: {what}permission denied ({_short(exc)})")
-    if is_transient(exc):
-        return TransientStorageError(f"{url}: {what}failed, storage unreachable or busy ({_short(exc)})")
-    return StorageError(f"{url}: {what}failed ({type(exc).__name__}: {_short(exc)})")
-
-
-@contextlib.contextmanager
-def _errors(url: str, action: str = "") -> Iterator[None]:
-    try:
-        yield
-    except StorageError:
-        raise
-    except (OSError, ValueError, RuntimeError, TimeoutError, ConnectionError) as e:
-        raise translate_error(e, url, action) from e
-    except Exception as e:  # backend-specific classes (botocore, aiohttp...)
-        if type(e).__module__.split(".")[0] in ("botocore", "aiobotocore", "aiohttp", "s3fs", "fsspec"):
-            raise translate_error(e, url, action) from e
-        raise
 
 
 # -- listing ------------------------------------------------------------------------------------------
@@ -392,6 +289,20 @@ def delete(url: str, recursive: bool = False) -> None:
     fs, path = filesystem(url)
     with _errors(url, "delete"), contextlib.suppress(FileNotFoundError):
         fs.rm(path, recursive=recursive)
+
+
+def stat_reachable(url: str) -> None:
+    """One stat of url, to see that the storage behind it answers. Only a transient failure
+    (unreachable, timing out, 5xx) is raised: an answer such as 'not found' or 'forbidden' shows
+    that the endpoint is there (the listing that follows reports it)."""
+    fs, path = filesystem(url)
+    try:
+        with _errors(url, "stat"):
+            fs.info(path)
+    except TransientStorageError:
+        raise
+    except StorageError:
+        pass
 
 
 def makedirs(url: str) -> None:
