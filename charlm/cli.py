@@ -289,8 +289,13 @@ def cmd_train(a: argparse.Namespace) -> dict:
     check_train_precision(cfg.precision, a.device, distributed, a.gpu)
     if distributed and a.out is not None:
         raise CLIError("--out is for a local run; with --workers the run lives in <store>/runs/<run name>")
+    from charlm.storage_check import check_local_folder, check_store
+
     if not distributed:  # checked before MLflow opens a run that would only end FAILED
         refuse_existing_run(Path(a.out), a.resume)
+        check_local_folder(a.out, "--out")
+    else:  # before the corpus is read: the run is written to the store
+        check_store(a.store)
 
     if distributed:
         from charlm.distributed import train_distributed

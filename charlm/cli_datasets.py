@@ -81,6 +81,9 @@ def _show(args: argparse.Namespace, result: dict[str, Any]) -> dict[str, Any]:
 
 
 def cmd_ingest(args: argparse.Namespace) -> dict[str, Any]:
+    from charlm.storage_check import check_ingest
+
+    check_ingest(args.sources, args.store)  # before Prefect starts and the corpus is read
     from flows.ingest import ingest_corpus  # Prefect is imported only when ingesting
 
     result = ingest_corpus(

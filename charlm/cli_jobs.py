@@ -21,6 +21,12 @@ def _generate(a: argparse.Namespace) -> dict[str, Any]:
         # where it has them); on a cluster each actor's Sampler refuses it first
         gpu = a.workers > 1 and torch.cuda.is_available()
         capability.resolve(a.precision, "cuda" if gpu else "cpu", "sample")
+    from charlm import storage, storage_check
+
+    if a.out is None:
+        storage_check.check_store(a.store)
+    elif storage.is_local(a.out):
+        storage_check.check_local_folder(a.out, "--out")
     from flows.generate import generate  # Prefect starts logging on import: after the checks
 
     cfg = GenerateConfig(
@@ -41,6 +47,9 @@ def _pipeline(a: argparse.Namespace) -> dict[str, Any]:
 
     cfg = train_config_from_args(a)
     check_train_precision(cfg.precision, "auto", True, a.gpu)  # before the corpus is ingested
+    from charlm.storage_check import check_ingest
+
+    check_ingest(a.corpus, a.store)
     from flows.pipeline import pipeline  # Prefect starts logging on import: after the checks
 
     scaling = {"workers": a.workers, "use_gpu": a.gpu, "max_failures": a.max_failures}

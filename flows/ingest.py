@@ -30,7 +30,7 @@ from prefect.cache_policies import NONE
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
-from charlm import ingest, storage
+from charlm import ingest, storage, storage_check
 from charlm.ingest import Policies, SourceChangedError
 from charlm.vocab import Vocab
 from flows.retries import retry_if_transient
@@ -140,7 +140,7 @@ def ingest_corpus(
     """Ingest objects (URLs, prefixes, globs) into <store>/datasets/<id>/; returns a summary dict."""
     policies = Policies(newlines, invalid, normalize, val_frac, test_frac)
     pol = policies.to_dict()
-    root = storage.store_root(store)
+    root = storage_check.check_ingest(sources, store)  # fails fast, before any task retries
     objects = list_sources(list(sources))
     batches = [
         [o.to_dict() for o in b]
