@@ -59,14 +59,29 @@ def validate_model_name(name: str) -> str:
 
 # -- registering ---------------------------------------------------------------------------------------------------
 def _signature():
+    """Every param with its type and default (PARAM_DEFAULTS), and the output: one string per
+    stream. The input (prompt strings, see mlflow_model.py) is not declared as a schema: MLflow
+    enforces an input schema before the model sees the input, turning a list into a one-column
+    frame, dropping every column but the first of an unnamed one (so {x, prompt} was read as x)
+    or refusing a list for a named one, in its own words. The model checks the input itself
+    (charlm.tracking.serving) and the logged input example shows the payload."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
     kinds = {int: "long", float: "double", str: "string", bool: "boolean"}
     params = ParamSchema([ParamSpec(k, kinds[type(v)], v) for k, v in PARAM_DEFAULTS.items()])
-    return ModelSignature(
-        inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]), params=params
-    )
+    return ModelSignature(inputs=None, outputs=Schema([ColSpec("string")]), params=params)
+
+
+def _input_example(ck: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """A request this model answers: one prompt its vocabulary encodes, two short samples."""
+    import pandas as pd
+
+    from charlm.tracking.serving import example_prompt
+    from charlm.vocab import Vocab
+
+    prompt = example_prompt(Vocab.from_dict(ck["vocab"]))
+    return pd.DataFrame({"prompt": [prompt]}), {"length": 40, "num_samples": 2, "seed": 1}
 
 
 def _requirements() -> list[str]:
@@ -170,6 +185,7 @@ def _register(
                 "ignore", message=r".*input example was not provided", category=UserWarning
             )
             info = Model.log(
+                input_example=_input_example(slim),
                 artifact_path=None,
                 name=MODEL_ARTIFACT,
                 flavor=mlflow.pyfunc,
