@@ -68,7 +68,10 @@ def add_commands(subparsers: Any) -> None:
     lp.set_defaults(func=cmd_list, render=render_list)
     sp = dsub.add_parser("show", help="show one dataset's manifest")
     sp.add_argument(
-        "ref", metavar="ID", help="dataset id, unique id prefix (6+ hex digits), name or folder URL"
+        "ref",
+        metavar="ID",
+        help="dataset id, id:PREFIX (6+ hex digits; a bare prefix works when no name reads the same), "
+        "NAME (the newest of that name), NAME@N (its N-th, oldest first) or folder URL",
     )
     _common(sp)
     sp.set_defaults(func=cmd_show, render=render_show)
@@ -81,8 +84,11 @@ def _show(args: argparse.Namespace, result: dict[str, Any]) -> dict[str, Any]:
 
 
 def cmd_ingest(args: argparse.Namespace) -> dict[str, Any]:
+    from charlm.ingest.format import validate_name
     from charlm.storage_check import check_ingest
 
+    if args.name is not None:
+        validate_name(args.name)
     check_ingest(args.sources, args.store)  # before Prefect starts and the corpus is read
     from flows.ingest import ingest_corpus  # Prefect is imported only when ingesting
 
@@ -132,17 +138,22 @@ def render_ingest(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _name_at(d: dict[str, Any]) -> str:
+    """NAME@N, the reference that names this dataset among the others of its name."""
+    return f"{d['name']}@{d['version']}" if d.get("name") else "-"
+
+
 def render_list(r: dict[str, Any]) -> str:
     rows = r["datasets"]
     if not rows:
         return f"no datasets in {r['store']}"
-    out = [f"{'ID':<14} {'NAME':<16} {'CREATED':<20} {'CHARS':>14} {'VOCAB':>5}  SOURCES"]
+    out = [f"{'ID':<14} {'NAME@N':<20} {'CREATED':<20} {'CHARS':>14} {'VOCAB':>5}  SOURCES"]
     for d in rows:
         if "error" in d:
             out.append(f"{d['id'][:12]:<14} ({d['error']})")
             continue
         out.append(
-            f"{d['id'][:12]:<14} {(d.get('name') or '-')[:16]:<16} {d.get('created') or '-':<20} "
+            f"{d['id'][:12]:<14} {_name_at(d)[:20]:<20} {d.get('created') or '-':<20} "
             f"{d['chars']:>14,} {d['vocab_size']:>5}  {' '.join(d['sources'])}"
         )
     return "\n".join(out)

@@ -32,6 +32,7 @@ from prefect.tasks import exponential_backoff
 
 from charlm import ingest, storage, storage_check
 from charlm.ingest import Policies, SourceChangedError
+from charlm.ingest.format import validate_name
 from charlm.vocab import Vocab
 from flows.retries import retry_if_transient
 
@@ -138,6 +139,8 @@ def ingest_corpus(
     test_frac: float = 0.05,
 ) -> dict[str, Any]:
     """Ingest objects (URLs, prefixes, globs) into <store>/datasets/<id>/; returns a summary dict."""
+    if name is not None:
+        validate_name(name)  # a name that could read as an id is refused before any work
     policies = Policies(newlines, invalid, normalize, val_frac, test_frac)
     pol = policies.to_dict()
     root = storage_check.check_ingest(sources, store)  # fails fast, before any task retries

@@ -34,7 +34,7 @@ def test_the_store_owns_its_layout(monkeypatch: pytest.MonkeyPatch) -> None:
     assert storage.Store.at().datasets() == "/srv/charlm/datasets"
     from charlm import datasets, runs
 
-    assert runs.runs_root() == "/srv/charlm/runs" and datasets._datasets_root(None) == "/srv/charlm/datasets"
+    assert runs.runs_root() == "/srv/charlm/runs" and datasets.datasets_root(None) == "/srv/charlm/datasets"
 
 
 def test_join_and_protocols() -> None:

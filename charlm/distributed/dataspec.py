@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from charlm.config import TrainConfig
-from charlm.distributed.errors import DistributedTrainingError
+from charlm.refs import DataRef
 
 
 @dataclass(frozen=True)
@@ -23,28 +23,19 @@ class DataSpec:
     vocab_size: int
 
 
-def resolve_data(data_ref: str, cfg: TrainConfig, store: str | None = None) -> tuple[DataSpec, Any]:
+def resolve_data(data_ref: str | DataRef, cfg: TrainConfig, store: str | None = None) -> tuple[DataSpec, Any]:
     """(spec, payload): payload is None for a dataset, else (vocab dict, splits) to ship."""
-    from charlm import datasets
+    from charlm.refs import DatasetRef
+    from charlm.refs import resolve_data as resolve_ref
 
-    folder = datasets.resolve(data_ref, store)
-    if folder is not None:
-        from charlm.ingest import read_manifest
-
-        m = read_manifest(folder)
-        if m is None:
-            raise DistributedTrainingError(f"{folder}: dataset has no manifest.json")
-        did = str(m["id"])
-        return (
-            DataSpec(
-                "dataset", folder, did, str(m["fingerprint"]), f"dataset {did}", int(m["vocab"]["size"])
-            ),
-            None,
-        )
+    ref = resolve_ref(data_ref, store)
+    if isinstance(ref, DatasetRef):
+        m = ref.manifest
+        return DataSpec("dataset", ref.url, ref.id, ref.fingerprint, ref.label, int(m["vocab"]["size"])), None
     # A raw corpus (file, folder, builtin): encoded once here with the same rules as `charlm train`.
     from charlm.trainingdata import load_training_data
 
-    vocab, splits, fp, label = load_training_data(data_ref, cfg.val_frac, cfg.test_frac, store)
+    vocab, splits, fp, label = load_training_data(ref, cfg.val_frac, cfg.test_frac, store)
     spec = DataSpec("inline", None, fp, fp, label, len(vocab))
     return spec, (vocab.to_dict(), {k: v for k, v in splits.items()})
 

@@ -13,7 +13,7 @@ from charlm import __version__, storage
 from charlm.data import split_sizes
 from charlm.ingest.encode import _encode_parallel, _encode_sequential
 from charlm.ingest.errors import IngestError
-from charlm.ingest.format import FORMAT, SPLITS, read_manifest
+from charlm.ingest.format import FORMAT, SPLITS, read_manifest, validate_name
 from charlm.ingest.pool import _parallelism, tune_malloc
 from charlm.ingest.scan import build_vocab, check_scans, dataset_id, list_sources, scan_objects
 from charlm.ingest.text import CHUNK_SIZE, Policies
@@ -144,6 +144,8 @@ def ingest(
     chunk_size: int = CHUNK_SIZE,
 ) -> dict[str, Any]:
     """List, scan, publish, in this process (the Prefect flow runs the same steps as tasks)."""
+    if name is not None:
+        validate_name(name)  # before any work
     policies = policies or Policies()
     srcs = [sources] if isinstance(sources, str) else list(sources)
     objects = list_sources(srcs)

@@ -13,6 +13,7 @@ from typing import Any
 
 from mlflow import MlflowClient
 
+from charlm.refs import DataRef, DatasetRef, resolve_data
 from charlm.tracking.redact import _clip, redact
 
 
@@ -34,30 +35,13 @@ class DatasetInfo:
         return [str(s) for s in self.manifest.get("sources", {}).get("requested", [])]
 
 
-def describe_dataset(corpus: str, store: str | None = None) -> DatasetInfo:
-    """DatasetInfo for a training corpus argument (dataset id/name/URL, else a raw corpus)."""
-    try:
-        from charlm import datasets
-        from charlm.ingest import read_manifest
-    except ImportError:  # storage extras missing: only raw corpora are possible
-        return DatasetInfo(label=corpus)
-    if Path(corpus).exists():
-        return DatasetInfo(label=corpus)
-    try:
-        folder = datasets.resolve(corpus, store)
-    except (OSError, ValueError):
-        folder = None
-    if folder is None:
-        return DatasetInfo(label=corpus)
-    manifest = read_manifest(folder)
-    if manifest is None:
-        return DatasetInfo(label=corpus)
+def describe_dataset(corpus: str | DataRef, store: str | None = None) -> DatasetInfo:
+    """DatasetInfo for a training corpus reference (a string is resolved by charlm.refs)."""
+    ref = resolve_data(corpus, store)
+    if not isinstance(ref, DatasetRef):
+        return DatasetInfo(label=ref.label)
     return DatasetInfo(
-        label=f"dataset {manifest['id']}",
-        id=str(manifest["id"]),
-        url=folder,
-        fingerprint=str(manifest.get("fingerprint") or manifest["id"]),
-        manifest=manifest,
+        label=ref.label, id=ref.id, url=ref.url, fingerprint=ref.fingerprint, manifest=ref.manifest
     )
 
 
