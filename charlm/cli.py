@@ -312,7 +312,7 @@ def cmd_train(a: argparse.Namespace) -> dict:
                 run_name=a.run_name,
                 resume=a.resume,
                 max_failures=a.max_failures,
-                extra_callbacks=tracked.callback_factory() if tracked is not None else None,
+                on_run_folder=tracked.bind_folder if tracked is not None else None,
                 quiet=quiet,
             )
 
@@ -347,7 +347,6 @@ def cmd_train(a: argparse.Namespace) -> dict:
             experiment=a.experiment,
             tracking_uri=a.tracking_uri,
             run_name=a.run_name,
-            resume=a.resume,
             params=scaling,
         )
     if not a.json:

@@ -7,7 +7,9 @@ evaluation), ``loss.png`` and ``summary.json`` (last). A distributed run lives i
 ``attempts/*.json`` (one per worker-group start), Ray's ``checkpoint_<step>/checkpoint.pt``
 folders and ``checkpoint_manager_snapshot.json`` while it runs (or after a crash), and after
 success ``best.pt``, ``last.pt`` and ``summary.json`` (written last; its presence means
-"finished"). `find_checkpoint` accepts all of these, and a checkpoint file itself.
+"finished"). `find_checkpoint` accepts all of these, and a checkpoint file itself. A tracked run of
+either kind also holds ``mlflow-run.json``: the MLflow run that tracks it (run id, tracking URI,
+driver attempt), written as soon as that run is opened, so a rerun continues the same MLflow run.
 
 Importable with the core install: charlm.storage (the storage extra) is imported where a URL or a
 store is read, so a local run writes its JSON files without it.
@@ -31,6 +33,7 @@ METRICS_FILE = "metrics.jsonl"  # local: one JSON line per log/eval record
 LOSS_PNG = "loss.png"  # local
 RUN_FILE = "run.json"  # distributed: the parameters, written before training
 RUN_FORMAT = "charlm.run/1"
+MLFLOW_FILE = "mlflow-run.json"  # both kinds: the MLflow run tracking this folder, written as it opens
 ATTEMPTS_DIR = "attempts"  # distributed: one JSON file per worker-group start
 CKPT_FILE = "checkpoint.pt"  # in each of Ray's checkpoint_<step>/ folders
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"

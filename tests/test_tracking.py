@@ -216,7 +216,7 @@ def test_failed_training_ends_failed_and_registers_nothing(tracking, tiny_datase
     assert not any(f.startswith("model") for f in artifact_files(client, run.info.run_id))
 
 
-def test_resumed_training_continues_the_same_run(sqlite_tracking, tiny_datasets, tmp_path):
+def test_extending_a_finished_run_opens_a_new_run_linked_to_it(sqlite_tracking, tiny_datasets, tmp_path):
     store, dataset, out = tiny_datasets["store"], tiny_datasets["main"], tmp_path / "out"
     opts = {"sample_length": 20, "temperatures": (1.0,)}
 
@@ -237,7 +237,6 @@ def test_resumed_training_continues_the_same_run(sqlite_tracking, tiny_datasets,
             corpus=dataset,
             out=out,
             store=store,
-            resume=resume,
             tracking_uri=sqlite_tracking,
             experiment="resume",
             callback_options=opts,
@@ -245,12 +244,15 @@ def test_resumed_training_continues_the_same_run(sqlite_tracking, tiny_datasets,
 
     first = run(tiny_config(max_steps=20, eval_every=10), False)
     second = run(tiny_config(max_steps=40, eval_every=10), True)
-    assert second["mlflow"]["run_id"] == first["mlflow"]["run_id"]
+    old, new = first["mlflow"]["run_id"], second["mlflow"]["run_id"]
+    assert new != old  # a FINISHED run is not reopened (test_mlflow_resume: a killed one is)
     client = trk._activate(sqlite_tracking)
-    r = client.get_run(first["mlflow"]["run_id"])
-    assert r.info.status == "FINISHED" and r.data.tags["resumed_at_step"] == "20"
-    assert r.data.tags["resumed_param_changes"] == "max_steps" and r.data.params["max_steps"] == "20"
-    assert [m.step for m in client.get_metric_history(r.info.run_id, "val_loss")] == [10, 20, 30, 40]
+    r_old, r_new = client.get_run(old), client.get_run(new)
+    assert r_old.info.status == "FINISHED" and r_old.data.tags["charlm.resumed_by"] == new
+    assert r_new.info.status == "FINISHED" and r_new.data.tags["charlm.resumes"] == old
+    assert r_new.data.tags["resumed_at_step"] == "20" and r_new.data.params["max_steps"] == "40"
+    assert r_new.data.tags["charlm.attempt"] == "2"
+    assert [m.step for m in client.get_metric_history(new, "val_loss")] == [30, 40]
 
 
 def test_interrupted_run_is_killed_and_errors_in_the_block_propagate(sqlite_tracking):

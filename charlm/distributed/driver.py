@@ -129,6 +129,7 @@ def train_distributed(
     collective_timeout_s: int = 180,
     extra_callbacks: Callable[[], list[Any]] | None = None,
     rank_callbacks: Callable[[int, int], list[Any]] | None = None,
+    on_run_folder: Callable[[str], Callable[[], list[Any]]] | None = None,
     quiet: bool = True,
 ) -> dict[str, Any]:
     """Train under Ray Train on `workers` DDP workers; returns a JSON-able summary.
@@ -141,6 +142,9 @@ def train_distributed(
     checkpoints kept (lowest val loss; the latest is always kept). collective_timeout_s: how long a
     rank waits in a collective for a dead peer. extra_callbacks: a picklable factory called on rank 0
     inside the worker; rank_callbacks: one called on every rank as f(rank, world_size).
+    on_run_folder: called with the run folder's URL once the run is about to train (new or
+    resumed), before any worker starts; the factory it returns is rank 0's extra_callbacks (e.g.
+    charlm.tracking's bind_folder: the MLflow run recorded in that folder, continued).
 
     A finished run is not trained again: its summary is returned with "already_finished": True.
     """
@@ -148,6 +152,8 @@ def train_distributed(
         raise ValueError(f"workers must be at least 1, got {workers}")
     if max_failures < -1:
         raise ValueError(f"max_failures must be -1 (unlimited) or >= 0, got {max_failures}")
+    if on_run_folder is not None and extra_callbacks is not None:
+        raise ValueError("pass extra_callbacks or on_run_folder, not both")
     root = storage.store_root(store)
     spec, payload = resolve_data(data_ref, cfg, root)
     name = runs.check_run_name(run_name) if run_name else derive_run_name(cfg, spec.id, workers)
@@ -163,6 +169,8 @@ def train_distributed(
     use_gpu, cpus, threads = resources(workers, use_gpu, cpus_per_worker)
     if record is None:
         runs.write_json(url, runs.RUN_FILE, _run_record(cfg, spec, data_ref, name, workers), indent=1)
+    if on_run_folder is not None:
+        extra_callbacks = on_run_folder(url)
 
     import ray
 

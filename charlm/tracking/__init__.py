@@ -23,6 +23,8 @@ Modules:
 * ``runs``: :func:`start_run` (a context manager) creates a run with the dataset lineage (tags,
   params, manifest artifact) and ends it FINISHED, or FAILED when the block raises (KILLED on
   Ctrl-C); :func:`tracked_training` runs any training function inside one, plus registration.
+  The MLflow run of a run folder is recorded there (``mlflow-run.json``), so a rerun after a
+  killed driver continues it (:class:`TrainingTracker`).
 * ``callback``: :class:`TrackingCallback`, the training loop's hook; logs on rank 0 only: params
   (config, scaling, precision, versions), metrics per log/eval step, and at the end vocab, metrics
   JSON, loss curve and a temperature sweep of samples. Built from plain strings, so it pickles
@@ -78,6 +80,7 @@ from charlm.tracking.runs import (
     EXPERIMENT_ENV,
     RUN_FILE,
     TrackedRun,
+    TrainingTracker,
     start_run,
     tracked_training,
 )
@@ -113,6 +116,7 @@ __all__ = [
     "TrackingCallback",
     "TrackingError",
     "TrackingSession",
+    "TrainingTracker",
     "_activate",
     "_log_text",
     "activate",

@@ -20,8 +20,8 @@ from mlflow.exceptions import MlflowException
 from charlm import __version__
 from charlm.checkpoint import clean_state_dict
 from charlm.config import SamplingParams
-from charlm.tracking.redact import _str, display_uri
-from charlm.tracking.session import _log_batch, _log_json, _log_text, is_unreachable
+from charlm.tracking.redact import _clip, _str, display_uri, redact
+from charlm.tracking.session import _MAX_PARAM, _log_batch, _log_json, _log_text, is_unreachable
 from charlm.train import Callback, Run
 
 log = logging.getLogger("charlm.tracking")
@@ -39,6 +39,44 @@ def _make_callbacks(tracking_uri: str, run_id: str, options: dict[str, Any]) -> 
     return [TrackingCallback(tracking_uri, run_id, **options)]
 
 
+CHANGES_TAG = "resumed_param_changes"
+
+
+def log_params_once(
+    client: MlflowClient, run_id: str, params: dict[str, Any], run: Any = None
+) -> dict[str, Any]:
+    """Log the params the run lacks. MLflow refuses to change a logged param, so one that a
+    continued run has with another value keeps its first value, and its name is added to the tag
+    resumed_param_changes; returns the tags to set with it (empty when nothing changed).
+    run: the run as just read (one get_run less)."""
+    run = run if run is not None else client.get_run(run_id)
+    existing = run.data.params
+    new = {k: v for k, v in params.items() if k not in existing}
+    changed = {
+        k for k, v in params.items() if k in existing and existing[k] != _clip(redact(_str(v)), _MAX_PARAM)
+    }
+    tags: dict[str, Any] = {}
+    if changed:
+        before = run.data.tags.get(CHANGES_TAG, "")
+        tags[CHANGES_TAG] = ", ".join(sorted(changed | {k for k in before.split(", ") if k}))
+    _log_batch(client, run_id, params=new)
+    return tags
+
+
+def logged_steps(
+    client: MlflowClient, run_id: str, run: Any = None, keys: Sequence[str] | None = None
+) -> dict[str, int]:
+    """The last step each metric of a run (or each of keys it has) is at: a step a continued run
+    must not log again."""
+    run = run if run is not None else client.get_run(run_id)
+    out = {}
+    for key in run.data.metrics if keys is None else [k for k in keys if k in run.data.metrics]:
+        history = client.get_metric_history(run_id, key)
+        if history:
+            out[key] = max(m.step for m in history)
+    return out
+
+
 class TrackingCallback(Callback):
     """Logs a training run into an existing MLflow run (rank 0 only).
 
@@ -50,6 +88,11 @@ class TrackingCallback(Callback):
 
     Built from plain values (tracking URI, run id, options), so it pickles and works in another
     process (a Ray worker). The run's status is left to whoever opened it (start_run).
+
+    A continued run (a rerun after a driver was killed, resumed from its last checkpoint) goes on
+    from where the run's metrics stopped: a step a metric already has is not logged again (the
+    steps between the checkpoint and the kill are trained twice, bit for bit), and params keep
+    their first values (see log_params_once).
     """
 
     def __init__(
@@ -76,6 +119,7 @@ class TrackingCallback(Callback):
         self._notes: list[str] = []
         self._best_state: dict[str, Any] | None = None
         self._best_step: int | None = None
+        self._logged: dict[str, int] = {}  # metric -> last step the run already has
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -108,15 +152,12 @@ class TrackingCallback(Callback):
         )
         if run.corpus_fingerprint:
             params["corpus_fingerprint"] = run.corpus_fingerprint
-        existing = self.client.get_run(self.run_id).data.params if run.step > 0 else {}
-        new = {k: v for k, v in params.items() if k not in existing}
-        changed = sorted(k for k, v in params.items() if k in existing and existing[k] != _str(v))
-        tags: dict[str, Any] = {}
+        mlflow_run = self.client.get_run(self.run_id)
+        self._logged = logged_steps(self.client, self.run_id, mlflow_run)
+        tags = log_params_once(self.client, self.run_id, params, mlflow_run)
         if run.step > 0:
             tags["resumed_at_step"] = run.step
-            if changed:
-                tags["resumed_param_changes"] = ", ".join(changed)
-        _log_batch(self.client, self.run_id, params=new, tags=tags)
+        _log_batch(self.client, self.run_id, tags=tags)
         _log_text(self.client, self.run_id, run.vocab.to_json(), "vocab.json")
 
     def on_message(self, run: Run, message: str) -> None:
@@ -160,8 +201,11 @@ class TrackingCallback(Callback):
         for k, v in metrics.items():
             if k == "step" or not isinstance(v, int | float) or isinstance(v, bool):
                 continue
+            if step <= self._logged.get(k, -1):  # logged already (an eval repeats epoch; an earlier attempt)
+                continue
             if math.isfinite(float(v)):
                 self._pending.append(Metric(k, float(v), now, step))
+                self._logged[k] = step
 
     def flush(self, final: bool = True) -> None:
         """Write buffered metrics (one log_batch call per 1000). A non-final flush that finds the
