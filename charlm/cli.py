@@ -9,9 +9,12 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from charlm import __version__
+
+if TYPE_CHECKING:
+    from charlm.refs import DataRef
 
 # ---------------------------------------------------------------------------------------------
 # shared helpers
@@ -28,28 +31,17 @@ def _emit_json(obj: dict[str, Any]) -> None:
 
 def resolve_model(ref: str, device: str = "cpu", store: str | None = None):
     """(model, vocab, checkpoint dict, label) from models:/NAME@ALIAS, models:/NAME/VERSION,
-    runs:/..., a checkpoint path/URL or a run folder (local or in a store)."""
-    from charlm import checkpoint
+    runs:/..., a checkpoint path/URL or a run folder (local or in a store), resolved once by
+    charlm.refs."""
+    from charlm import checkpoint, refs
 
-    if ref.startswith(("models:/", "runs:/")) or "://" in ref:
+    got = refs.resolve_model(ref, store)
+    if not isinstance(got, refs.CheckpointRef):
         from charlm.tracking import resolve_model_ref  # mlflow is imported only for these
 
-        return resolve_model_ref(ref, device, store=store)
-    p = Path(ref)
-    if p.is_dir():
-        from charlm.runs import PUBLISHED, find_checkpoint
-
-        for name in PUBLISHED["best"]:
-            if (p / name).is_file():
-                p = p / name
-                break
-        else:
-            try:
-                p = Path(find_checkpoint(ref))
-            except ModuleNotFoundError:  # no storage extra: Ray's checkpoint folders cannot be read
-                raise CLIError(f"{ref}: folder holds no best.pt or last.pt checkpoint") from None
-    model, vocab, ck = checkpoint.load_model(str(p), name=str(p), device=device)
-    return model, vocab, ck, str(p)
+        return resolve_model_ref(got, device, store=store)
+    model, vocab, ck = checkpoint.load_model(refs.load_checkpoint(got), name=got.label, device=device)
+    return model, vocab, ck, got.label
 
 
 # ---------------------------------------------------------------------------------------------
@@ -57,142 +49,19 @@ def resolve_model(ref: str, device: str = "cpu", store: str | None = None):
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
-    from charlm.config import CELLS, DEFAULT_WEIGHT_DECAY, OPTIMIZERS, PRECISIONS, SCHEDULES, TrainConfig
+    """One flag per TrainConfig field (help, defaults and char-rnn's spellings from the config),
+    and --device, which picks where a local run trains rather than what it trains."""
+    from charlm.cli_flags import add_config_flags
+    from charlm.config import TrainConfig
 
-    d = TrainConfig(max_epochs=1)  # defaults
-    m = p.add_argument_group("model")
-    m.add_argument(
-        "--cell", "--model", choices=CELLS, default=d.cell, help="recurrent cell (default %(default)s)"
+    groups = add_config_flags(
+        p,
+        TrainConfig,
+        group_titles={"run length": "run length (the first limit reached stops; default --max-epochs 10)"},
     )
-    m.add_argument("--num-layers", type=int, default=d.num_layers, help="layers (default %(default)s)")
-    m.add_argument(
-        "--hidden-size",
-        "--rnn-size",
-        type=int,
-        default=d.hidden_size,
-        help="units per layer (default %(default)s)",
+    groups["evaluation and numerics"].add_argument(
+        "--device", default="auto", help="auto | cpu | cuda[:N] (default %(default)s)"
     )
-    m.add_argument(
-        "--embed-size", type=int, default=d.embed_size, help="character embedding size (default %(default)s)"
-    )
-    m.add_argument(
-        "--dropout",
-        type=float,
-        default=d.dropout,
-        help="dropout between layers and before the head (default %(default)s)",
-    )
-    m.add_argument(
-        "--weight-drop",
-        type=float,
-        default=d.weight_drop,
-        help="DropConnect on the recurrent weights, one mask per batch (AWD-LSTM; default %(default)s)",
-    )
-    g = p.add_argument_group("data")
-    g.add_argument(
-        "--seq-len",
-        "--seq-length",
-        type=int,
-        default=d.seq_len,
-        help="truncated-BPTT length T (default %(default)s)",
-    )
-    g.add_argument(
-        "--batch-size",
-        type=int,
-        default=d.batch_size,
-        help="parallel streams B per worker (default %(default)s)",
-    )
-    g.add_argument(
-        "--val-frac",
-        type=float,
-        default=d.val_frac,
-        help="validation fraction for a raw corpus (default %(default)s)",
-    )
-    g.add_argument(
-        "--test-frac",
-        type=float,
-        default=d.test_frac,
-        help="test fraction for a raw corpus, may be 0 (default %(default)s)",
-    )
-    g.add_argument(
-        "--auto-shrink", action="store_true", help="shrink the batch size when the corpus is too small for it"
-    )
-    o = p.add_argument_group("optimisation")
-    o.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer, help="(default %(default)s)")
-    o.add_argument(
-        "--lr", "--learning-rate", type=float, default=d.lr, help="peak learning rate (default %(default)s)"
-    )
-    o.add_argument(
-        "--schedule",
-        choices=SCHEDULES,
-        default=d.schedule,
-        help="lr schedule: warmup+cosine, char-rnn's step decay, or constant (default %(default)s)",
-    )
-    o.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="(default %(default)s)")
-    o.add_argument(
-        "--min-lr-frac",
-        type=float,
-        default=d.min_lr_frac,
-        help="cosine floor as a fraction of --lr (default %(default)s)",
-    )
-    o.add_argument(
-        "--lr-decay",
-        "--learning-rate-decay",
-        type=float,
-        default=d.lr_decay,
-        help="step schedule: factor per epoch (default %(default)s)",
-    )
-    o.add_argument(
-        "--lr-decay-after",
-        "--learning-rate-decay-after",
-        type=int,
-        default=d.lr_decay_after,
-        help="step schedule: first decayed epoch (default %(default)s)",
-    )
-    o.add_argument(
-        "--weight-decay",
-        type=float,
-        default=None,
-        help="decoupled with adamw, L2 with adam and rmsprop (default "
-        + ", ".join(f"{wd:g} with {opt}" for opt, wd in DEFAULT_WEIGHT_DECAY.items())
-        + ")",
-    )
-    o.add_argument(
-        "--grad-clip", type=float, default=d.grad_clip, help="global gradient-norm clip (default %(default)s)"
-    )
-    o.add_argument(
-        "--ema",
-        type=float,
-        default=d.ema,
-        help="evaluate, save and sample a moving average of the weights with this decay; 0: off "
-        "(default %(default)s)",
-    )
-    r = p.add_argument_group("run length (the first limit reached stops; default --max-epochs 10)")
-    r.add_argument("--max-steps", type=int, default=None, help="optimizer steps")
-    r.add_argument("--max-epochs", type=float, default=None, help="passes over the training split")
-    r.add_argument(
-        "--time-budget",
-        type=float,
-        default=None,
-        metavar="MINUTES",
-        help="minutes of training (evaluation excluded)",
-    )
-    e = p.add_argument_group("evaluation and numerics")
-    e.add_argument(
-        "--eval-every",
-        "--eval-val-every",
-        type=int,
-        default=d.eval_every,
-        help="steps between evaluations on the whole val split (default %(default)s)",
-    )
-    e.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        default=d.precision,
-        help="auto = bf16 where the hardware runs it natively, else fp32; `charlm info` lists what "
-        "runs here (default %(default)s)",
-    )
-    e.add_argument("--seed", type=int, default=d.seed, help="(default %(default)s)")
-    e.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default %(default)s)")
 
 
 def train_config_from_args(a: argparse.Namespace):
@@ -207,6 +76,18 @@ def train_config_from_args(a: argparse.Namespace):
     return TrainConfig.from_dict(given)
 
 
+def resolve_corpus(given: str, store: str | None):
+    """The corpus argument as a typed reference (charlm.refs), resolved once here; a choice the
+    user should know of (the newest of several datasets of one name) is said on stderr."""
+    from charlm.refs import resolve_data
+
+    ref = resolve_data(given, store)
+    note = getattr(ref, "note", None)
+    if note:
+        print(f"charlm: {note}", file=sys.stderr)
+    return ref
+
+
 def refuse_existing_run(out: Path, resume: bool) -> None:
     """A local out folder that already holds a run is continued only with --resume."""
     from charlm.runs import LAST_FILE
@@ -219,7 +100,7 @@ def refuse_existing_run(out: Path, resume: bool) -> None:
 
 def run_local_training(
     cfg,
-    corpus: str,
+    corpus: str | DataRef,
     out: Path,
     *,
     resume: bool,
@@ -231,14 +112,21 @@ def run_local_training(
     """Plain single-process training into a local out dir: checkpoints, metrics, loss.png."""
     from charlm import checkpoint, runs
     from charlm.callbacks import CheckpointFiles, ConfigFile, MetricsFile, ProgressBar
+    from charlm.refs import resolve_data
     from charlm.train import TrainingDiverged, pick_device, train
     from charlm.trainingdata import load_training_data
 
     refuse_existing_run(out, resume)  # before any work: the corpus may be large
+    corpus = resolve_data(corpus, store)  # typed already when cmd_train resolved it
     vocab, splits, fp, label = load_training_data(corpus, cfg.val_frac, cfg.test_frac, store)
     last = out / runs.LAST_FILE
     start = checkpoint.load(last) if resume and last.is_file() else None
-    callbacks = [ConfigFile(out, corpus), MetricsFile(out), CheckpointFiles(out), *(extra_callbacks or [])]
+    callbacks = [
+        ConfigFile(out, corpus.given),
+        MetricsFile(out),
+        CheckpointFiles(out),
+        *(extra_callbacks or []),
+    ]
     if not quiet:
         callbacks.append(ProgressBar())
     try:
@@ -296,6 +184,7 @@ def cmd_train(a: argparse.Namespace) -> dict:
         check_local_folder(a.out, "--out")
     else:  # before the corpus is read: the run is written to the store
         check_store(a.store)
+    corpus = resolve_corpus(a.corpus, a.store)
 
     if distributed:
         from charlm.distributed import train_distributed
@@ -305,7 +194,7 @@ def cmd_train(a: argparse.Namespace) -> dict:
         def run_fn(tracked=None) -> dict:
             return train_distributed(
                 cfg,
-                a.corpus,
+                corpus,
                 store=a.store,
                 workers=scaling["workers"],
                 use_gpu=a.gpu,
@@ -322,7 +211,7 @@ def cmd_train(a: argparse.Namespace) -> dict:
         def run_fn(tracked=None) -> dict:
             return run_local_training(
                 cfg,
-                a.corpus,
+                corpus,
                 Path(a.out),
                 resume=a.resume,
                 quiet=quiet,
@@ -340,7 +229,7 @@ def cmd_train(a: argparse.Namespace) -> dict:
 
         summary = tracking.tracked_training(
             run_fn,
-            corpus=a.corpus,
+            corpus=corpus,
             out=a.out,
             store=a.store,
             register=a.register,

@@ -24,6 +24,19 @@ DEFAULT_WEIGHT_DECAY = {"adamw": 0.25, "adam": 0.0, "rmsprop": 0.0}
 SAMPLE_PRECISIONS = (*PRECISIONS, "int8")
 
 
+def _opt(
+    default: Any,
+    help: str,
+    group: str,
+    *flags: str,
+    choices: tuple[str, ...] | None = None,
+    metavar: str | None = None,
+) -> Any:
+    """A config field with what its command-line flag shows: help, group, extra spellings."""
+    meta = {"help": help, "group": group, "flags": flags, "choices": choices, "metavar": metavar}
+    return dataclasses.field(default=default, metadata=meta)
+
+
 class _Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[call-overload]
@@ -79,43 +92,75 @@ class TrainConfig(_Config):
     change clear of that noise; 0.4 ended level with 0.25 but learns slower early.
     """
 
+    # Each field's `help` (and `flags`: char-rnn's spellings, `choices`) is what `charlm train`
+    # shows for its flag, --field-name, generated from these fields (charlm.cli_flags).
     # model
-    cell: str = "lstm"
-    num_layers: int = 2
-    hidden_size: int = 512
-    embed_size: int = 64
-    dropout: float = 0.2
-    weight_drop: float = 0.0
+    cell: str = _opt("lstm", "recurrent cell", "model", "--model", choices=CELLS)
+    num_layers: int = _opt(2, "layers", "model")
+    hidden_size: int = _opt(512, "units per layer", "model", "--rnn-size")
+    embed_size: int = _opt(64, "character embedding size", "model")
+    dropout: float = _opt(0.2, "dropout between layers and before the head", "model")
+    weight_drop: float = _opt(
+        0.0, "DropConnect on the recurrent weights, one mask per batch (AWD-LSTM)", "model"
+    )
     # data
-    seq_len: int = 50
-    batch_size: int = 64
-    val_frac: float = 0.05
-    test_frac: float = 0.05
-    auto_shrink: bool = False
+    seq_len: int = _opt(50, "truncated-BPTT length T", "data", "--seq-length")
+    batch_size: int = _opt(64, "parallel streams B per worker", "data")
+    val_frac: float = _opt(0.05, "validation fraction for a raw corpus", "data")
+    test_frac: float = _opt(0.05, "test fraction for a raw corpus, may be 0", "data")
+    auto_shrink: bool = _opt(False, "shrink the batch size when the corpus is too small for it", "data")
     # optimisation
-    optimizer: str = "adamw"
-    lr: float = 4e-3
-    weight_decay: float | None = None  # None: DEFAULT_WEIGHT_DECAY of the optimizer
-    schedule: str = "cosine"  # cosine (warmup + cosine to min_lr) | step (char-rnn) | constant
-    warmup_steps: int = 100
-    min_lr_frac: float = 0.05
-    lr_decay: float = 0.97  # step schedule: multiply per epoch ...
-    lr_decay_after: int = 10  # ... after this many epochs (char-rnn's learning_rate_decay_after)
-    grad_clip: float = 5.0
+    optimizer: str = _opt("adamw", "", "optimisation", choices=OPTIMIZERS)
+    lr: float = _opt(4e-3, "peak learning rate", "optimisation", "--learning-rate")
+    weight_decay: float | None = _opt(  # None: DEFAULT_WEIGHT_DECAY of the optimizer
+        None,
+        "decoupled with adamw, L2 with adam and rmsprop (default "
+        + ", ".join(f"{wd:g} with {opt}" for opt, wd in DEFAULT_WEIGHT_DECAY.items())
+        + ")",
+        "optimisation",
+    )
+    schedule: str = _opt(
+        "cosine",
+        "lr schedule: warmup+cosine, char-rnn's step decay, or constant",
+        "optimisation",
+        choices=SCHEDULES,
+    )
+    warmup_steps: int = _opt(100, "", "optimisation")
+    min_lr_frac: float = _opt(0.05, "cosine floor as a fraction of --lr", "optimisation")
+    lr_decay: float = _opt(0.97, "step schedule: factor per epoch", "optimisation", "--learning-rate-decay")
+    lr_decay_after: int = _opt(  # char-rnn's learning_rate_decay_after
+        10, "step schedule: first decayed epoch", "optimisation", "--learning-rate-decay-after"
+    )
+    grad_clip: float = _opt(5.0, "global gradient-norm clip", "optimisation")
     # Evaluate, save and sample an exponential moving average of the weights (Polyak averaging);
     # its decay ramps as min(ema, (1 + step) / (10 + step)), so it averages over about the last
     # tenth of a short run and 1 / (1 - ema) steps of a long one. 0 turns it off.
-    ema: float = 0.998
+    ema: float = _opt(
+        0.998,
+        "evaluate, save and sample a moving average of the weights with this decay; 0: off",
+        "optimisation",
+    )
     # length of the run: the first limit reached stops it (at least one must be set)
-    max_steps: int | None = None
-    max_epochs: float | None = None
-    time_budget: float | None = None  # minutes of training (evaluation time excluded)
+    max_steps: int | None = _opt(None, "optimizer steps", "run length")
+    max_epochs: float | None = _opt(None, "passes over the training split", "run length")
+    time_budget: float | None = _opt(  # evaluation time excluded
+        None, "minutes of training (evaluation excluded)", "run length", metavar="MINUTES"
+    )
     # evaluation and numerics
-    eval_every: int = 200
-    eval_max_batches: int | None = None  # None: the whole val split
-    precision: str = "auto"
-    seed: int = 1337
-    log_every: int = 10
+    eval_every: int = _opt(
+        200, "steps between evaluations on the whole val split", "evaluation and numerics", "--eval-val-every"
+    )
+    eval_max_batches: int | None = _opt(
+        None, "val batches per evaluation (default: the whole val split)", "evaluation and numerics"
+    )
+    precision: str = _opt(
+        "auto",
+        "auto = bf16 where the hardware runs it natively, else fp32; `charlm info` lists what runs here",
+        "evaluation and numerics",
+        choices=PRECISIONS,
+    )
+    seed: int = _opt(1337, "", "evaluation and numerics")
+    log_every: int = _opt(10, "steps between progress records", "evaluation and numerics")
 
     def __post_init__(self) -> None:
         self.model_config(1)  # validates the model fields

@@ -50,13 +50,15 @@ def train_and_register(
 ) -> dict[str, Any]:
     from charlm import tracking
     from charlm.distributed import train_distributed
+    from charlm.refs import resolve_data
 
     cfg = TrainConfig.from_dict(config)
+    data = resolve_data(dataset, store)  # once, for the training and the run's lineage
 
     def run_fn(tracked: tracking.TrackedRun) -> dict[str, Any]:
         return train_distributed(
             cfg,
-            dataset,
+            data,
             store=store,
             run_name=None,  # derived from the parameters: re-running resumes or returns it
             extra_callbacks=tracked.callback_factory(),
@@ -66,7 +68,7 @@ def train_and_register(
 
     summary = tracking.tracked_training(
         run_fn,
-        corpus=dataset,
+        corpus=data,
         store=store,
         register=name,
         tracking_uri=tracking_uri,

@@ -22,6 +22,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
 from charlm.config import TrainConfig
+from charlm.refs import DataRef, resolve_data
 
 SCALING_KEYS = (
     "workers",
@@ -64,7 +65,7 @@ def _scaling(scaling: dict[str, Any] | None) -> dict[str, Any]:
 
 @task(name="train-distributed", cache_policy=NONE)
 def train_distributed_task(
-    dataset: str,
+    dataset: DataRef,
     config: dict[str, Any],
     scaling: dict[str, Any],
     store: str | None,
@@ -125,10 +126,11 @@ def train_model(
 
     cfg = TrainConfig.from_dict(dict(config or {"max_epochs": 10})).to_dict()
     sc = _scaling(scaling)
+    data = resolve_data(dataset, store)  # once, at the flow's edge
+    if getattr(data, "note", None):
+        get_run_logger().warning(data.note)
     ensure_ray()  # here, in the flow's main thread
-    result = train_distributed_task(
-        dataset, cfg, sc, store, run_name, resume, extra_callbacks, rank_callbacks
-    )
+    result = train_distributed_task(data, cfg, sc, store, run_name, resume, extra_callbacks, rank_callbacks)
     create_markdown_artifact(
         key=_artifact_key(result["run_name"]),
         markdown=(

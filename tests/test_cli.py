@@ -226,3 +226,37 @@ def test_train_accepts_a_dataset_id_and_name(tmp_path, capsys):
         assert summary["corpus"] == f"dataset {ds['id']}" and summary["corpus_fingerprint"] == ds["id"]
     assert main(["train", "0123456789ab", "--store", store, "--out", str(tmp_path / "x"), "--json"]) == 1
     assert "0123456789ab" in capsys.readouterr().err
+
+
+def test_train_flags_come_from_the_config_fields() -> None:
+    """Every TrainConfig field has its --flag with the field's default, and char-rnn's spellings
+    set the same fields: a default changed in config.py is the CLI's default, with nothing to
+    keep in step by hand."""
+    import dataclasses
+
+    from charlm.cli import build_parser, train_config_from_args
+    from charlm.config import TrainConfig
+
+    parser = build_parser()
+    a = parser.parse_args(["train", "corpus.txt"])
+    for f in dataclasses.fields(TrainConfig):
+        assert hasattr(a, f.name), f"no flag for TrainConfig.{f.name}"
+        assert getattr(a, f.name) == f.default, f.name
+    got = train_config_from_args(
+        parser.parse_args(
+            [
+                "train",
+                "c",
+                "--rnn-size",
+                "96",
+                "--seq-length",
+                "33",
+                "--learning-rate",
+                "0.01",
+                "--model",
+                "gru",
+            ]
+        )
+    )
+    assert (got.hidden_size, got.seq_len, got.lr, got.cell, got.max_epochs) == (96, 33, 0.01, "gru", 10)
+    assert train_config_from_args(parser.parse_args(["train", "c", "--auto-shrink"])).auto_shrink is True

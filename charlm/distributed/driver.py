@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from typing import Any
 
-from charlm import runs, storage
+from charlm import refs, runs, storage
 from charlm.config import TrainConfig
 from charlm.distributed.dataspec import DataSpec, resolve_data
 from charlm.distributed.errors import (
@@ -116,7 +116,7 @@ def _ray_storage(root: str):
 
 def train_distributed(
     cfg: TrainConfig,
-    data_ref: str,
+    data_ref: str | refs.DataRef,
     *,
     store: str | None = None,
     workers: int = 2,
@@ -155,6 +155,7 @@ def train_distributed(
     if on_run_folder is not None and extra_callbacks is not None:
         raise ValueError("pass extra_callbacks or on_run_folder, not both")
     root = storage.store_root(store)
+    data_ref = refs.resolve_data(data_ref, root)  # typed already when the CLI or a flow resolved it
     spec, payload = resolve_data(data_ref, cfg, root)
     name = runs.check_run_name(run_name) if run_name else derive_run_name(cfg, spec.id, workers)
     url = runs.run_url(name, root)
@@ -168,7 +169,7 @@ def train_distributed(
     ensure_ray()
     use_gpu, cpus, threads = resources(workers, use_gpu, cpus_per_worker)
     if record is None:
-        runs.write_json(url, runs.RUN_FILE, _run_record(cfg, spec, data_ref, name, workers), indent=1)
+        runs.write_json(url, runs.RUN_FILE, _run_record(cfg, spec, data_ref.given, name, workers), indent=1)
     if on_run_folder is not None:
         extra_callbacks = on_run_folder(url)
 

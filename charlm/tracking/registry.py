@@ -17,9 +17,18 @@ import numpy as np
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from charlm import __version__, storage
+from charlm import __version__
 from charlm.config import SamplingParams
 from charlm.errors import first_line
+from charlm.refs import (
+    CheckpointRef,
+    MlflowRunRef,
+    ModelRef,
+    RegistryRef,
+    load_checkpoint,
+    parse_models_uri,
+    resolve_model,
+)
 from charlm.tracking.redact import _clip, _str, redact
 from charlm.tracking.session import (
     _MAX_TAG,
@@ -96,28 +105,15 @@ def _requirements() -> list[str]:
     ]
 
 
-def read_checkpoint(ref: str) -> dict[str, Any]:
-    """A validated checkpoint dict from a path, a training out folder, or a store URL."""
-    from charlm import checkpoint
-
-    local = storage.local_path(ref)
-    if local is not None:
-        p = Path(local)
-        if p.is_dir():
-            for n in ("best.pt", "last.pt"):
-                if (p / n).is_file():
-                    return checkpoint.load(p / n, name=str(p / n))
-            raise TrackingError(f"{ref}: folder holds no best.pt or last.pt checkpoint")
-        return checkpoint.load(p, name=ref)
-    url = storage.normalize_url(ref)
-    if storage.isdir(url):
-        for n in ("best.pt", "last.pt"):
-            if storage.exists(storage.join(url, n)):
-                url = storage.join(url, n)
-                break
-        else:
-            raise TrackingError(f"{ref}: prefix holds no best.pt or last.pt checkpoint")
-    return checkpoint.load(storage.read_bytes(url), name=url)
+def read_checkpoint(ref: str | CheckpointRef) -> dict[str, Any]:
+    """A validated checkpoint dict from a checkpoint file, a run folder (its best checkpoint) or
+    their store URLs, resolved by charlm.refs."""
+    got = resolve_model(ref)
+    if not isinstance(got, CheckpointRef):
+        raise TrackingError(
+            f"{got.label}: want a checkpoint file or run folder here, not a registry reference"
+        )
+    return load_checkpoint(got)
 
 
 def register_checkpoint(
@@ -230,17 +226,11 @@ def _version_tags(ck: dict[str, Any], dataset_id: str | None, tags: dict[str, An
 
 
 # -- the registry: refs, list, promote -------------------------------------------------------------------------------
-_MODELS_REF = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+|latest)|@(?P<alias>[^/@]+))/?$")
-
-
 def parse_models_ref(ref: str) -> tuple[str, int | None, str | None]:
     """(name, version, alias) of 'models:/NAME/VERSION', 'models:/NAME/latest' (version None,
     alias None) or 'models:/NAME@ALIAS'."""
-    m = _MODELS_REF.match(ref.strip())
-    if not m:
-        raise TrackingError(f"{ref}: not a model reference (want models:/NAME/VERSION or models:/NAME@ALIAS)")
-    v = m.group("version")
-    return m.group("name"), int(v) if v and v != "latest" else None, m.group("alias")
+    r = parse_models_uri(ref)
+    return r.name, r.version, r.alias
 
 
 def _registered_model(s: TrackingSession, name: str):
@@ -436,37 +426,39 @@ def _checkpoint_in(folder: str, label: str) -> str:
 
 
 def load_checkpoint_ref(
-    ref: str, *, tracking_uri: str | None = None, store: str | None = None
+    ref: str | ModelRef, *, tracking_uri: str | None = None, store: str | None = None
 ) -> tuple[dict[str, Any], str]:
-    """(validated checkpoint dict, label) for models:/NAME/VERSION, models:/NAME@ALIAS,
-    runs:/RUN_ID/PATH, a checkpoint file, a training out folder, or a store URL."""
+    """(validated checkpoint dict, label) for any model reference charlm.refs resolves:
+    models:/NAME/VERSION, models:/NAME@ALIAS, runs:/RUN_ID/PATH, a checkpoint file, a run folder,
+    or their store URLs."""
     from charlm import checkpoint
 
-    ref = ref.strip()
-    if ref.startswith("models:/"):
-        name, version, alias = parse_models_ref(ref)
+    got = resolve_model(ref, store)
+    if isinstance(got, RegistryRef):
         s = TrackingSession.open(tracking_uri, store)
-        v = _resolve_version(s, name, f"@{alias}" if alias else version)
-        label = f"models:/{name}/{v}" + (f" (@{alias})" if alias else "")
+        v = _resolve_version(s, got.name, f"@{got.alias}" if got.alias else got.version)
+        label = f"models:/{got.name}/{v}" + (f" (@{got.alias})" if got.alias else "")
         with tempfile.TemporaryDirectory(prefix="charlm-model-") as tmp:
-            folder = _download_model_dir(s, name, v, tmp)
+            folder = _download_model_dir(s, got.name, v, tmp)
             ck = checkpoint.load(_checkpoint_in(folder, label), name=label)
         return ck, label
-    if ref.startswith("runs:/"):
+    if isinstance(got, MlflowRunRef):
         s = TrackingSession.open(tracking_uri, store)
         with tempfile.TemporaryDirectory(prefix="charlm-run-") as tmp:
             try:
-                got = mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=tmp, tracking_uri=s.uri)
+                path = mlflow.artifacts.download_artifacts(
+                    artifact_uri=got.uri, dst_path=tmp, tracking_uri=s.uri
+                )
             except MlflowException as e:
-                raise TrackingError(f"{ref}: {first_line(e)}") from None
-            path = got if os.path.isfile(got) else _checkpoint_in(got, ref)
-            ck = checkpoint.load(path, name=ref)
-        return ck, ref
-    return read_checkpoint(ref), ref
+                raise TrackingError(f"{got.uri}: {first_line(e)}") from None
+            path = path if os.path.isfile(path) else _checkpoint_in(path, got.uri)
+            ck = checkpoint.load(path, name=got.uri)
+        return ck, got.uri
+    return load_checkpoint(got), ref.strip() if isinstance(ref, str) else got.label
 
 
 def resolve_model_ref(
-    ref: str, device: str = "cpu", *, tracking_uri: str | None = None, store: str | None = None
+    ref: str | ModelRef, device: str = "cpu", *, tracking_uri: str | None = None, store: str | None = None
 ):
     """(model in eval mode on device, vocab, checkpoint dict, label) for any model reference
     load_checkpoint_ref accepts."""
