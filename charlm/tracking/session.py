@@ -19,6 +19,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from charlm import storage
+from charlm.tracking import sqlite_store
 from charlm.tracking.redact import _clip, _str, display_uri, redact, redact_obj
 
 _MAX_TAG = 5000  # MLflow limits tag values to 8000 characters, params to 6000
@@ -94,8 +95,21 @@ def _pin(uri: str) -> str:
     return registry
 
 
+def _prepare(uri: str) -> None:
+    """A sqlite database (tracking, and a registry of its own) created and migrated under a file
+    lock before MLflow touches it, in WAL mode; a half-migrated one refused in one line (see
+    sqlite_store). Nothing for a server or another database."""
+    for u in dict.fromkeys((uri, _registry_uri(uri))):
+        try:
+            sqlite_store.prepare(u)
+        except sqlite_store.SqliteStoreError as e:
+            raise TrackingError(str(e)) from None
+
+
 def _activate(uri: str) -> MlflowClient:
-    """Pin MLflow's globals to uri (see _pin); a client for it."""
+    """The sqlite database ready (see _prepare), MLflow's globals pinned to uri (see _pin); a
+    client for it."""
+    _prepare(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=_pin(uri))
 
 
