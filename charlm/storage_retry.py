@@ -97,7 +97,8 @@ class RetryBudget:
 
 
 _budget: RetryBudget | None = None
-_failures: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # task -> [start, tries, last error]
+# asyncio task -> [start of its failures, tries, last error, time of the last failure]
+_failures: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def install_s3_retry_policy() -> RetryBudget:
@@ -134,13 +135,15 @@ def retry_decision(exc: BaseException) -> bool:
     now = time.monotonic()
     took = _timeout_of(exc, budget)
     state = _failures.get(task) if task is not None else None
-    if state is None:
-        state = [now - took, 0, None]
+    # a failure long after the last one (a long listing, minutes later) starts a new streak
+    if state is None or now - state[3] > s3fs_wait(budget.max_tries) + budget.read_timeout + 1:
+        state = [now - took, 0, None, now]
         if task is not None:
             _failures[task] = state
     if state[2] is not exc:  # a nested retry loop sees the same error again: not a new try
         state[1] += 1
         state[2] = exc
+    state[3] = now
     with contextlib.suppress(AttributeError, TypeError):
         setattr(exc, _TRIES_ATTR, state[1])
     if not is_transient(exc) or state[1] >= budget.max_tries:
