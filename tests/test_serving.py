@@ -36,7 +36,7 @@ pytest_plugins = ["mlflow_fixtures"]
 pytest.register_assert_rewrite("mlflow_fixtures")
 from mlflow_fixtures import _free_port, corpus_text, unique  # noqa: E402
 
-LIMITS = serving.Limits(max_length=2000, max_samples=16, max_steps=40_000)
+LIMITS = serving.Limits(max_length=2000, max_samples=16, max_steps=40_000, max_streams=40)
 PARAMS = {"length": 30, "temperature": 0.9, "seed": 5, "num_samples": 2}
 
 
@@ -135,6 +135,13 @@ def test_check_request_caps_the_work_before_reading_the_prompts():
         match=r"request too large: 4 prompt\(s\) x 10 sample\(s\) x 1003 steps .* = 40,120 character steps, over the limit of 40,000 \(CHARLM_MAX_REQUEST_STEPS\)",
     ):
         serving.check_request(["abc", "", "", "Ω"], p, vocab, LIMITS)  # refused before the 'Ω'
+    few = serving.check_params({"length": 1}, LIMITS)
+    serving.check_request([""] * 40, few, vocab, LIMITS)
+    with pytest.raises(
+        serving.ServingError,
+        match=r"request too large: 41 prompt\(s\) x 1 sample\(s\) = 41 streams, over the limit of 40 \(CHARLM_MAX_STREAMS\)",
+    ):
+        serving.check_request([""] * 41, few, vocab, LIMITS)  # 41 steps: only the streams are too many
     with pytest.raises(
         UnknownCharactersError,
         match=r"prompt 2 has 2 character\(s\) outside the vocabulary: 'Q' \(U\+0051\) x1, 'Ω' \(U\+03A9\) x2",
@@ -144,9 +151,14 @@ def test_check_request_caps_the_work_before_reading_the_prompts():
 
 
 def test_limits_from_the_environment():
-    assert serving.Limits.from_env({}) == serving.Limits(10_000, 256, 2_000_000)
-    env = {"CHARLM_MAX_LENGTH": "50", "CHARLM_MAX_SAMPLES": " 4 ", "CHARLM_MAX_REQUEST_STEPS": "999"}
-    assert serving.Limits.from_env(env) == serving.Limits(50, 4, 999)
+    assert serving.Limits.from_env({}) == serving.Limits(10_000, 256, 2_000_000, 1024)
+    env = {
+        "CHARLM_MAX_LENGTH": "50",
+        "CHARLM_MAX_SAMPLES": " 4 ",
+        "CHARLM_MAX_REQUEST_STEPS": "999",
+        "CHARLM_MAX_STREAMS": "7",
+    }
+    assert serving.Limits.from_env(env) == serving.Limits(50, 4, 999, 7)
     with pytest.raises(
         ValueError, match=r"environment variable CHARLM_MAX_LENGTH='ten': want a whole number >= 1"
     ):

@@ -9,8 +9,8 @@ The pyfunc (mlflow_model.py) runs every request through this module, whether it 
   (charlm.capability.resolve);
 * the input: prompt strings (a list, one string, a Series, a dict or DataFrame with a `prompt`
   column, or a DataFrame of exactly one column);
-* the work: streams (prompts x num_samples) x steps (longest prompt + length) at most
-  CHARLM_MAX_REQUEST_STEPS;
+* the work: streams (prompts x num_samples) at most CHARLM_MAX_STREAMS (a batch's memory grows
+  with it), and streams x steps (longest prompt + length) at most CHARLM_MAX_REQUEST_STEPS;
 * prompt characters: all in the model's vocabulary (the refusal names the characters).
 
 A refusal is a ServingError: an MlflowException with INVALID_PARAMETER_VALUE, which the scoring
@@ -44,9 +44,11 @@ from charlm.vocab import UnknownCharactersError, Vocab
 
 MAX_LENGTH_ENV = "CHARLM_MAX_LENGTH"
 MAX_SAMPLES_ENV = "CHARLM_MAX_SAMPLES"
+MAX_STREAMS_ENV = "CHARLM_MAX_STREAMS"
 MAX_STEPS_ENV = "CHARLM_MAX_REQUEST_STEPS"
 DEFAULT_MAX_LENGTH = 10_000  # characters generated per sample
 DEFAULT_MAX_SAMPLES = 256  # samples per prompt
+DEFAULT_MAX_STREAMS = 1024  # prompts x num_samples per request: one batch
 DEFAULT_MAX_STEPS = 2_000_000  # streams x (longest prompt + length) per request
 
 
@@ -93,6 +95,7 @@ class Limits:
     max_length: int = DEFAULT_MAX_LENGTH
     max_samples: int = DEFAULT_MAX_SAMPLES
     max_steps: int = DEFAULT_MAX_STEPS
+    max_streams: int = DEFAULT_MAX_STREAMS
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Limits:
@@ -114,6 +117,7 @@ class Limits:
             read(MAX_LENGTH_ENV, DEFAULT_MAX_LENGTH),
             read(MAX_SAMPLES_ENV, DEFAULT_MAX_SAMPLES),
             read(MAX_STEPS_ENV, DEFAULT_MAX_STEPS),
+            read(MAX_STREAMS_ENV, DEFAULT_MAX_STREAMS),
         )
 
 
@@ -233,9 +237,14 @@ def prompts_from_input(model_input: Any) -> list[str]:
 
 
 def check_request(prompts: Sequence[str], p: Mapping[str, Any], vocab: Vocab, limits: Limits) -> None:
-    """Refuses a request over the work cap (before touching its text), then one whose prompts
-    hold characters outside the vocabulary, naming them."""
+    """Refuses a request over the stream or work cap (before touching its text), then one whose
+    prompts hold characters outside the vocabulary, naming them."""
     streams = len(prompts) * int(p["num_samples"])
+    if streams > limits.max_streams:
+        raise ServingError(
+            f"request too large: {len(prompts)} prompt(s) x {p['num_samples']} sample(s) = {streams:,} "
+            f"streams, over the limit of {limits.max_streams:,} ({MAX_STREAMS_ENV})"
+        )
     steps = max((len(q) for q in prompts), default=0) + int(p["length"])
     if streams * steps > limits.max_steps:
         raise ServingError(
