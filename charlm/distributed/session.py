@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from charlm.distributed.errors import DistributedTrainingError, first_line
+from charlm.distributed.probe import check_cluster, is_loopback_address
 
 # Settings measured to halve a fit's start-up on a small machine (docs/distributed.md); the
 # caller's environment wins. Telemetry off.
@@ -48,10 +49,12 @@ def ensure_ray(num_cpus: int | None = None) -> str:
     joins that cluster, no resource arguments. Must run in the main thread (Ray's core processes
     die with the thread that started them).
     """
-    address = os.environ.get("RAY_ADDRESS")
-    if not address:
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    if not address or is_loopback_address(address):
         # Ray's local-only mode (its default on macOS/Windows): every Ray process, the GCS,
         # raylets and workers, binds 127.0.0.1 instead of the host's address and all interfaces.
+        # Joining a cluster on loopback needs it too: outside it, Ray rewrites 127.0.0.1 in
+        # RAY_ADDRESS to the host's routable address, where a loopback-bound head never answers.
         # Read when ray is imported, so it is set before the import and patched after it.
         os.environ.setdefault(LOCAL_ONLY_ENV, "0")
     import ray
@@ -68,7 +71,14 @@ def ensure_ray(num_cpus: int | None = None) -> str:
     runtime_env: dict[str, Any] = {"worker_process_setup_hook": "charlm.distributed.session._worker_setup"}
     try:
         if address:
+            _local_only(ray)
+            check_cluster(address)
             runtime_env["env_vars"] = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+            if not address.startswith("ray://"):
+                # Ray Train's actors call Ray's state API, which otherwise looks for "the" Ray of
+                # their machine and fails where a machine runs several (nodes of one-machine
+                # clusters, or other users' Rays).
+                runtime_env["env_vars"]["RAY_ADDRESS"] = address
             ray.init(address=address, runtime_env=runtime_env, logging_level="WARNING")
         else:
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -85,6 +95,8 @@ def ensure_ray(num_cpus: int | None = None) -> str:
                 runtime_env=runtime_env,
                 _temp_dir=tmp,
             )
+    except DistributedTrainingError:
+        raise
     except Exception as e:
         where = f"the Ray cluster at RAY_ADDRESS={address}" if address else "a local Ray"
         raise DistributedTrainingError(f"could not start {where}: {first_line(e)}") from e
@@ -92,13 +104,16 @@ def ensure_ray(num_cpus: int | None = None) -> str:
 
 
 def _loopback_only() -> bool:
-    """The in-process Ray of ensure_ray, in local-only mode (the user may have switched it off)."""
-    return not os.environ.get("RAY_ADDRESS") and os.environ.get(LOCAL_ONLY_ENV) == "0"
+    """The in-process Ray of ensure_ray, or a cluster on loopback, in local-only mode (the user may
+    have switched it off)."""
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    return (not address or is_loopback_address(address)) and os.environ.get(LOCAL_ONLY_ENV) == "0"
 
 
 def _local_only(ray: Any) -> None:
-    """Keep an in-process Ray on loopback even when `ray` was imported before ensure_ray ran
-    (Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER into a module constant at import)."""
+    """Keep an in-process Ray (or the driver of a loopback cluster) on loopback even when `ray` was
+    imported before ensure_ray ran (Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER into a module
+    constant at import)."""
     if not _loopback_only():
         return
     from ray._private import ray_constants
