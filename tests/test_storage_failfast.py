@@ -205,6 +205,7 @@ def _ingest_through_a_blip(server: S3Server, bucket: str, monkeypatch: pytest.Mo
     return out, blip["up"] - blip["down"]
 
 
+@pytest.mark.slow
 def test_a_blip_shorter_than_the_budget_is_ridden_out(own_s3: S3Server, monkeypatch) -> None:
     from charlm import datasets
 
