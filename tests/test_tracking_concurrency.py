@@ -106,7 +106,7 @@ def test_four_concurrent_first_uses_of_a_new_store_register_four_versions(tmp_pa
         db = store / "mlflow.db"
         assert not db.exists()  # a fresh store: its first use is the race
         go.touch()
-        outs = [p.communicate(timeout=300) for p in procs]
+        outs = [p.communicate(timeout=600) for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
@@ -307,3 +307,28 @@ def test_prepare_sqlite_for_a_server_sets_its_artifact_root_and_refuses_a_broken
         f"charlm: error: {broken}: MLflow tracking database left half-migrated"
     )
     assert main(["prepare-sqlite", "http://127.0.0.1:5050"]) == 2
+
+
+@pytest.mark.slow
+def test_a_process_killed_while_creating_the_database_leaves_none_behind(tmp_path):
+    db = tmp_path / "mlflow.db"
+    p = subprocess.Popen(
+        [sys.executable, "-m", "charlm.tracking", "prepare-sqlite", f"sqlite:///{db}"],
+        env=_env(tmp_path / "store"),
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob("mlflow.db.tmp-*")) and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert p.poll() is None, "finished before it could be killed"
+        p.kill()  # mid-migration: the temporary file exists, the database not yet
+        p.wait(30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert not db.exists() and list(tmp_path.glob("mlflow.db.tmp-*"))
+    sqlite_store.prepare(f"sqlite:///{db}")  # the next use creates it whole
+    assert not list(tmp_path.glob("mlflow.db.tmp-*"))
+    with contextlib.closing(sqlite3.connect(db)) as con:
+        assert con.execute("PRAGMA user_version").fetchone()[0] == sqlite_store.READY_MARK
