@@ -285,6 +285,7 @@ def test_other_uris_are_left_alone():
     assert sqlite_store.sqlite_path("sqlite:///:memory:") is None
     assert sqlite_store.sqlite_path("sqlite:////a/b/mlflow.db") == "/a/b/mlflow.db"
     assert sqlite_store.sqlite_path("sqlite:///rel.db") == os.path.abspath("rel.db")
+    assert sqlite_store.sqlite_path("sqlite:not a url") is None
     sqlite_store.prepare("http://127.0.0.1:1")  # nothing to do, nothing contacted
 
 
@@ -332,3 +333,13 @@ def test_a_process_killed_while_creating_the_database_leaves_none_behind(tmp_pat
     assert not list(tmp_path.glob("mlflow.db.tmp-*"))
     with contextlib.closing(sqlite3.connect(db)) as con:
         assert con.execute("PRAGMA user_version").fetchone()[0] == sqlite_store.READY_MARK
+
+
+def test_a_database_that_cannot_be_opened_is_reported_without_the_move_aside_advice(tmp_path):
+    db = tmp_path / "mlflow.db"
+    db.mkdir()  # opening fails: an operational error, not a broken database
+    with pytest.raises(sqlite_store.SqliteStoreError) as e:
+        sqlite_store.prepare(f"sqlite:///{db}")
+    assert str(e.value).startswith(
+        f"{db}: cannot read the tracking database ("
+    ) and "move it aside" not in str(e.value)

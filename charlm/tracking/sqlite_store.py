@@ -38,6 +38,7 @@ from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError
 
 BUSY_TIMEOUT_S = 60.0  # how long a connection waits for another process's write lock
 LOCK_TIMEOUT_S = 300.0  # how long a process waits for another to create/check the database
@@ -64,7 +65,10 @@ def sqlite_path(uri: str) -> str | None:
     in-memory databases."""
     if not uri.lower().startswith("sqlite:"):
         return None
-    database = make_url(uri).database
+    try:
+        database = make_url(uri).database
+    except ArgumentError:  # not a URL at all: MLflow says so itself
+        return None
     if not database or database == ":memory:" or database.startswith("file:"):
         return None
     return os.path.abspath(database)
@@ -120,7 +124,9 @@ def _inspect(db: str) -> _State | None:
             if "alembic_version" in tables:
                 row = con.execute("SELECT version_num FROM alembic_version").fetchone()
                 revision = row[0] if row else None
-    except sqlite3.DatabaseError as e:
+    except sqlite3.OperationalError as e:  # locked past the timeout, no permission, ...
+        raise SqliteStoreError(f"{db}: cannot read the tracking database ({e})") from None
+    except sqlite3.DatabaseError as e:  # not a database, corrupt
         raise SqliteStoreError(
             f"{db}: cannot read it as an MLflow tracking database ({e}); {_move_aside(db)}"
         ) from None
