@@ -63,6 +63,8 @@ s3 = boto3.client("s3")
 if sys.argv[1] not in [b["Name"] for b in s3.list_buckets()["Buckets"]]:
     s3.create_bucket(Bucket=sys.argv[1])
 PY
+  # created and migrated under charlm's lock, never left half-migrated (docs/mlflow.md)
+  "$BIN/python" -m charlm.tracking prepare-sqlite "sqlite:///$DIR/mlflow.db" mlflow-artifacts:/
   MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false start_one mlflow "$BIN/mlflow" server --host 127.0.0.1 --port "$MLFLOW_PORT" \
     --workers 1 --backend-store-uri "sqlite:///$DIR/mlflow.db" --artifacts-destination "s3://$BUCKET/mlflow"
   PREFECT_HOME="$DIR/prefect" start_one prefect "$BIN/prefect" server start --host 127.0.0.1 --port "$PREFECT_PORT" --no-ui

@@ -48,6 +48,16 @@ case "$artifacts" in
   *) mkdir -p "$artifacts" ;;
 esac
 
+# A new sqlite database is created and migrated under charlm's file lock (in a temporary file,
+# renamed into place last), so a server stopped during its first migration, or charlm commands
+# starting at the same time, never leave it half-migrated; a half-migrated one is refused in one
+# line saying how to recover (docs/mlflow.md).
+if [[ "$backend" == sqlite:///* ]]; then
+  py="$(dirname "$bin")/python"; [[ -x "$py" ]] || py=python3
+  "$py" -m charlm.tracking prepare-sqlite "$backend" mlflow-artifacts:/ ||
+    { echo "mlflow-server.sh: the tracking database $backend is not usable (see above)" >&2; exit 2; }
+fi
+
 # The job runner (for GenAI features) spawns extra workers; telemetry off; no auth token prompts.
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false
 export MLFLOW_DISABLE_TELEMETRY=true
