@@ -27,7 +27,6 @@ from mlflow.entities import ViewType
 
 from charlm import runs
 from charlm import tracking as trk
-from charlm.tracking.runs import _open_for_folder
 from charlm.train import Callback
 
 pytest_plugins = ["mlflow_fixtures"]
@@ -73,6 +72,8 @@ _ABANDONED: list[contextlib.ExitStack] = []
 def _killed_driver(uri: str, folder: str, exp_name: str) -> str:
     """What a driver killed mid-run leaves: the folder's MLflow run opened and recorded there,
     never ended (the context is entered and abandoned, as SIGKILL abandons it)."""
+    from charlm.tracking.runs import _open_for_folder
+
     s = trk.TrackingSession.open(uri)
     stack = contextlib.ExitStack()  # never closed, and kept: a collected one would end the run FAILED
     _ABANDONED.append(stack)
@@ -115,6 +116,20 @@ def test_a_deleted_run_is_replaced_by_a_new_one_and_marked_killed_with_links(sql
     assert r_old.info.lifecycle_stage == "deleted"  # still where the user put it
     record = runs.read_json(folder, runs.MLFLOW_FILE)
     assert record["run_id"] == new and record["attempt"] == 2
+    _no_running(sqlite_tracking, exp)
+
+
+def test_a_recorded_run_that_no_longer_exists_is_replaced(sqlite_tracking, tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(corpus_text(0, 2000))
+    folder, exp = str(tmp_path / "run"), unique("gone")
+    shown = trk.TrackingSession.open(sqlite_tracking).shown
+    runs.write_json(folder, runs.MLFLOW_FILE, {"run_id": "0" * 32, "tracking_uri": shown, "attempt": 3})
+
+    new = _rerun_without_training(sqlite_tracking, folder, exp, corpus)["mlflow"]["run_id"]
+    tags = _client(sqlite_tracking).get_run(new).data.tags
+    assert tags["charlm.resumes"] == "0" * 32 and tags["charlm.resumes_reason"] == "not found"
+    assert tags["charlm.attempt"] == "4" and runs.read_json(folder, runs.MLFLOW_FILE)["run_id"] == new
     _no_running(sqlite_tracking, exp)
 
 
@@ -211,9 +226,10 @@ def test_a_failed_run_ends_failed_and_its_rerun_continues_it_without_repeating_s
     (r,) = _runs(sqlite_tracking, exp)
     assert r.info.status == "FINISHED" and "charlm.error" not in r.data.tags
     assert "disk full at step 40" in r.data.tags["charlm.attempt.1.error"]
-    assert r.data.tags["charlm.attempt"] == "2" and {"charlm.attempt.1.started", "charlm.attempt.2.started"} <= set(
-        r.data.tags
-    )
+    assert r.data.tags["charlm.attempt"] == "2" and {
+        "charlm.attempt.1.started",
+        "charlm.attempt.2.started",
+    } <= set(r.data.tags)
     assert r.data.tags["resumed_at_step"] == "20"
     assert r.data.params["max_steps"] == "60" and r.data.tags["resumed_param_changes"] == "max_steps"
     _assert_steps_go_on(client, r.info.run_id, 80)
@@ -232,7 +248,9 @@ def _kill_when(proc: subprocess.Popen, ready, what: str, timeout: float = 240) -
     try:
         deadline = time.monotonic() + timeout
         while not ready():
-            assert proc.poll() is None, f"the driver ended before {what}: {proc.stderr.read().decode()[-2000:]}"
+            assert proc.poll() is None, (
+                f"the driver ended before {what}: {proc.stderr.read().decode()[-2000:]}"
+            )
             assert time.monotonic() < deadline, f"no {what} within {timeout} s"
             time.sleep(0.05)
     finally:
@@ -258,21 +276,26 @@ def _check_one_continued_run(uri: str, exp: str, killed_id: str, final_step: int
 
 def test_a_killed_local_driver_rerun_continues_the_same_mlflow_run(sqlite_tracking, tmp_path):
     corpus, out, exp = tmp_path / "corpus.txt", tmp_path / "out", unique("killed-local")
+    model = unique("resumed")
     corpus.write_text(corpus_text(2, 30_000))
     cmd = [
         sys.executable, "-m", "charlm.cli", "train", str(corpus), "--out", str(out), "--resume",
-        "--max-steps", "300", "--device", "cpu", *TINY_FLAGS,
+        "--max-steps", "200", "--device", "cpu", *TINY_FLAGS, "--register", model,
         "--tracking-uri", sqlite_tracking, "--experiment", exp, "--json",
     ]  # fmt: skip
     env = _env(CHARLM_STORE=str(tmp_path / "store"))
-    first = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first = subprocess.Popen(
+        cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     _kill_when(first, lambda: (out / runs.LAST_FILE).is_file(), "first checkpoint")
     killed_id = runs.read_json(str(out), runs.MLFLOW_FILE)["run_id"]
     assert _client(sqlite_tracking).get_run(killed_id).info.status == "RUNNING"  # what a kill leaves
 
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    _check_one_continued_run(sqlite_tracking, exp, killed_id, 300)
+    _check_one_continued_run(sqlite_tracking, exp, killed_id, 200)
+    versions = _client(sqlite_tracking).search_model_versions(f"name = '{model}'")
+    assert [v.run_id for v in versions] == [killed_id]  # registered once, by the attempt that finished
 
 
 @pytest.mark.slow
@@ -305,7 +328,9 @@ def test_a_killed_ray_driver_rerun_continues_the_same_mlflow_run(sqlite_tracking
         killed_id = runs.read_json(str(folder), runs.MLFLOW_FILE)["run_id"]
         assert _client(sqlite_tracking).get_run(killed_id).info.status == "RUNNING"
 
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, start_new_session=True)
+        done = subprocess.run(
+            cmd, env=env, capture_output=True, text=True, timeout=600, start_new_session=True
+        )
         assert done.returncode == 0, done.stderr[-2000:]
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
