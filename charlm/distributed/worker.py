@@ -144,6 +144,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     if found is not None:
         with found.as_directory() as d:
             resume = ckpt_mod.load(os.path.join(d, runs.CKPT_FILE), name=f"{found.path}/{runs.CKPT_FILE}")
+    nodes = _node_ids(world)
     if rank == 0:
         rec = {
             "time": time.time(),
@@ -152,6 +153,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
             "world_size": world,
             "device": str(device),
             "host": socket.gethostname(),
+            "nodes": nodes,  # the Ray node id of each rank, in rank order
         }
         runs.write_attempt(config["run_url"], rec)
     if resume is not None:
@@ -186,6 +188,20 @@ def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         corpus_name=label,
     )
     return {**result, "evals": reporter.evals} if rank == 0 else None
+
+
+def _node_ids(world: int) -> list[str]:
+    """The Ray node id of every rank, in rank order (a collective: every rank calls it)."""
+    import ray
+
+    mine = ray.get_runtime_context().get_node_id()
+    if world == 1:
+        return [mine]
+    import torch.distributed as tdist
+
+    ids: list[Any] = [None] * world
+    tdist.all_gather_object(ids, mine)
+    return [str(i) for i in ids]
 
 
 def _result_from_checkpoint(ck: dict[str, Any], world: int, batch_size: int, device: Any) -> dict[str, Any]:
