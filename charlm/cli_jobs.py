@@ -83,7 +83,9 @@ def _print_pipeline(res: dict[str, Any], name: str) -> None:
         file=sys.stderr,
     )
     print(f"model {name} version {t['version']}: {how}", file=sys.stderr)
-    print(f"@{d['alias']}: {d['decision']} ({d['reason']})", file=sys.stderr)
+    from flows.evaluate import describe
+
+    print(f"@{d['alias']}: {describe(d)}", file=sys.stderr)
     print(f"samples: {res['samples']['out']}", file=sys.stderr)
 
 

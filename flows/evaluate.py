@@ -100,6 +100,23 @@ def decide(candidate_bpc: float | None, champion_bpc: float | None, margin: floa
     return False, f"not better by the margin: {gain:+.4f} bpc (margin {margin:g})"
 
 
+def describe(d: dict[str, Any]) -> str:
+    """One line with the decision and the figures it rests on."""
+
+    def bpc(x: float | None) -> str:
+        return "not scored" if x is None else f"{x:.4f} bpc"
+
+    champ = (
+        f"no @{d['alias']} yet"
+        if d.get("champion") is None
+        else f"@{d['alias']} v{d['champion']} {bpc(d.get('champion_bpc'))}"
+    )
+    return (
+        f"candidate v{d['candidate']} {bpc(d.get('candidate_bpc'))} vs {champ} "
+        f"-> {d['decision']} ({d['reason']})"
+    )
+
+
 def _markdown(d: dict[str, Any]) -> str:
     def f(x: Any) -> str:
         return f"{x:.4f}" if isinstance(x, float) else ("-" if x is None else str(x))
@@ -151,17 +168,20 @@ def evaluate_and_promote(
         "champion_bpc": None,
         "improvement_bpc": None,
     }
-    comparison = None
+    # The candidate is scored even with nothing to compare it with, so every decision states the
+    # figures it rests on (the champion's too, where there is one).
+    scored = [cand] if champ in (None, cand) else [champ, cand]
+    comparison = compare_versions(name, scored, dataset, split, max_chars, tracking_uri, store)
+    by_version = {r["version"]: r for r in comparison["results"]}
+    decision["dataset"] = comparison["dataset"]
+    decision["candidate_bpc"] = by_version[cand]["bpc"]
+    if champ is not None:
+        decision["champion_bpc"] = by_version[champ]["bpc"]
     if champ is None:
         promote_it, reason = True, f"no version holds @{alias} yet"
     elif champ == cand:
         promote_it, reason = False, f"version {cand} already holds @{alias}"
     else:
-        comparison = compare_versions(name, [champ, cand], dataset, split, max_chars, tracking_uri, store)
-        by_version = {r["version"]: r for r in comparison["results"]}
-        decision["dataset"] = comparison["dataset"]
-        decision["candidate_bpc"] = by_version[cand]["bpc"]
-        decision["champion_bpc"] = by_version[champ]["bpc"]
         if decision["candidate_bpc"] is not None and decision["champion_bpc"] is not None:
             decision["improvement_bpc"] = decision["champion_bpc"] - decision["candidate_bpc"]
         promote_it, reason = decide(decision["candidate_bpc"], decision["champion_bpc"], margin)
@@ -180,17 +200,7 @@ def evaluate_and_promote(
         decision.update(decision="kept", promoted=False)
     decision["reason"] = reason
     decision["evaluation_run_id"] = record_decision(decision, comparison, tracking_uri, store)
-    log.info(
-        "%s: candidate v%s %s bpc vs @%s v%s %s bpc -> %s (%s)",
-        name,
-        cand,
-        "-" if decision["candidate_bpc"] is None else f"{decision['candidate_bpc']:.4f}",
-        alias,
-        champ,
-        "-" if decision["champion_bpc"] is None else f"{decision['champion_bpc']:.4f}",
-        decision["decision"],
-        reason,
-    )
+    log.info("%s: %s", name, describe(decision))
     create_markdown_artifact(
         key=f"evaluate-{_artifact_key(name)}",
         markdown=_markdown(decision),

@@ -245,6 +245,11 @@ def test_promote_moves_the_alias_only_when_asked_or_better(reg, prefect_harness)
     # no holder yet: the candidate takes the alias without a comparison
     d4 = evaluate_and_promote(name, "3", alias="first", tracking_uri=uri, store=reg["store"])
     assert d4["decision"] == "promoted" and d4["reason"].startswith("no version holds")
+    # ... but it is scored all the same, and the one-line account shows the figure
+    from flows.evaluate import describe
+
+    assert d4["candidate_bpc"] > 0 and d4["champion_bpc"] is None
+    assert describe(d4).startswith(f"candidate v3 {d4['candidate_bpc']:.4f} bpc vs no @first yet -> promoted")
 
     client = trk._activate(uri)
     ev = client.get_run(d["evaluation_run_id"])
