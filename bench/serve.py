@@ -19,7 +19,9 @@ requests (which the server does not do) could reach.
 --workers takes W or WxT (T torch threads per worker: OMP_NUM_THREADS in the server).
 Prints one JSON object: the machine (and its load average), the model, and per worker setting
 and client count the requests/s, chars/s, median and p95 latency, the Sampler's chars/s and the
-ratio.
+ratio; and chars per CPU second of each (the server's whole process group; the bench process
+while the Sampler runs), whose ratio moves far less with other jobs' load than chars/s do: it is
+the share of the Sampler's chars/s the server would reach on the same cores left to it alone.
 """
 
 from __future__ import annotations
@@ -134,6 +136,20 @@ class Server:
         except urllib.error.HTTPError as e:
             raise RuntimeError(f"{self.url}: HTTP {e.code}: {e.read()[:500]!r}") from None
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds of every process in the server's group (mlflow, uvicorn and
+        its workers) so far, from /proc: charged only to what the server ran."""
+        tick = os.sysconf("SC_CLK_TCK")
+        total = 0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # exited meanwhile
+            if int(fields[2]) == self.proc.pid:  # pgrp: the group the server leads
+                total += int(fields[11]) + int(fields[12])  # utime, stime
+        return total / tick
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, 15)
@@ -175,12 +191,13 @@ def through_server(server: Server, clients: int, n: int, a: argparse.Namespace) 
                 chars[0] += sum(len(t) for t in texts)
 
     threads = [threading.Thread(target=client) for _ in range(clients)]
-    t0 = time.perf_counter()
+    cpu0, t0 = server.cpu_seconds(), time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
+    cpu = server.cpu_seconds() - cpu0
     if errors:
         raise RuntimeError(f"{len(errors)} request(s) failed, first: {errors[0]}")
     lat = sorted(latencies)
@@ -190,6 +207,7 @@ def through_server(server: Server, clients: int, n: int, a: argparse.Namespace) 
         "seconds": round(wall, 3),
         "requests_per_s": round(len(lat) / wall, 3),
         "chars_per_s": round(chars[0] / wall, 1),
+        "chars_per_cpu_s": round(chars[0] / max(cpu, 1e-9), 1),
         "latency_p50_s": round(statistics.median(lat), 3),
         "latency_p95_s": round(lat[min(len(lat) - 1, int(0.95 * len(lat)))], 3),
     }
@@ -200,6 +218,7 @@ class Direct:
 
     def __init__(self, model: CharLM, vocab: Vocab, a: argparse.Namespace) -> None:
         self.a = a
+        self.last_cpu = 0.0
         self.sampler = Sampler(model, vocab, precision=a.precision, max_batch=a.num_samples)
         self.in_thread(lambda: self.generate([PROMPT] * a.num_samples, -1))  # warm-up
         self.streams = a.num_samples * max(a.clients)
@@ -209,10 +228,10 @@ class Direct:
         texts = (sampler or self.sampler).generate(prompts, self.a.length, seed=seed, temperature=TEMPERATURE)
         return sum(len(t) for t in texts)
 
-    @staticmethod
-    def in_thread(work: Callable[[], int]) -> tuple[int, float]:
+    def in_thread(self, work: Callable[[], int]) -> tuple[int, float]:
         """(chars, seconds) of work() run in a new thread, as the scoring server runs predict: on
-        a loaded machine torch's OpenMP threads ran up to 20x slower from the main thread."""
+        a loaded machine torch's OpenMP threads ran up to 20x slower from the main thread. The
+        process's CPU seconds meanwhile go to self.last_cpu."""
         got: list[tuple[int, float]] = []
 
         def run() -> None:
@@ -220,16 +239,23 @@ class Direct:
             chars = work()
             got.append((chars, time.perf_counter() - t0))
 
+        cpu0 = time.process_time()  # this process: the thread and torch's threads (clients idle)
         t = threading.Thread(target=run)
         t.start()
         t.join()
+        self.last_cpu = time.process_time() - cpu0
         return got[0]
 
     def requests(self, n: int) -> dict[str, Any]:
         chars, wall = self.in_thread(
             lambda: sum(self.generate([PROMPT] * self.a.num_samples, i) for i in range(n))
         )
-        return {"requests": n, "requests_per_s": round(n / wall, 3), "chars_per_s": round(chars / wall, 1)}
+        return {
+            "requests": n,
+            "requests_per_s": round(n / wall, 3),
+            "chars_per_s": round(chars / wall, 1),
+            "chars_per_cpu_s": round(chars / max(self.last_cpu, 1e-9), 1),
+        }
 
     def one_batch(self) -> dict[str, Any]:
         """Every stream of the largest round at once: what batching across requests could reach."""
@@ -250,6 +276,8 @@ def measure(server: Server, direct: Direct, clients: int, a: argparse.Namespace)
                 **got,
                 "sampler_chars_per_s": ref["chars_per_s"],
                 "ratio": got["chars_per_s"] / ref["chars_per_s"],
+                "sampler_chars_per_cpu_s": ref["chars_per_cpu_s"],
+                "cpu_ratio": got["chars_per_cpu_s"] / ref["chars_per_cpu_s"],
             }
         )
 
@@ -267,6 +295,10 @@ def measure(server: Server, direct: Direct, clients: int, a: argparse.Namespace)
         "sampler_chars_per_s": med("sampler_chars_per_s"),
         "ratio_to_sampler": med("ratio"),
         "ratio_per_round": [round(r["ratio"], 3) for r in rounds],
+        "chars_per_cpu_s": med("chars_per_cpu_s"),
+        "sampler_chars_per_cpu_s": med("sampler_chars_per_cpu_s"),
+        "cpu_ratio": med("cpu_ratio"),
+        "cpu_ratio_per_round": [round(r["cpu_ratio"], 3) for r in rounds],
     }
 
 
