@@ -450,7 +450,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sample_flags(s)
     s.set_defaults(func=cmd_sample)
 
-    for module in ("charlm.cli_info", "charlm.cli_datasets", "charlm.cli_models", "charlm.cli_jobs"):
+    for module in (
+        "charlm.cli_info",
+        "charlm.cli_datasets",
+        "charlm.cli_models",
+        "charlm.cli_jobs",
+        "charlm.cli_visualize",
+    ):
         try:
             mod = __import__(module, fromlist=["add_commands"])
         except ModuleNotFoundError as e:  # that part's extras are not installed
