@@ -455,6 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
         "charlm.cli_datasets",
         "charlm.cli_models",
         "charlm.cli_jobs",
+        "charlm.cli_server",
         "charlm.cli_visualize",
     ):
         try:

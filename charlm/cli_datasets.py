@@ -84,12 +84,14 @@ def _show(args: argparse.Namespace, result: dict[str, Any]) -> dict[str, Any]:
 
 
 def cmd_ingest(args: argparse.Namespace) -> dict[str, Any]:
+    from charlm import prefect_server
     from charlm.ingest.format import validate_name
     from charlm.storage_check import check_ingest
 
     if args.name is not None:
         validate_name(args.name)
     check_ingest(args.sources, args.store)  # before Prefect starts and the corpus is read
+    prefect_server.ensure()
     from flows.ingest import ingest_corpus  # Prefect is imported only when ingesting
 
     result = ingest_corpus(

@@ -27,6 +27,9 @@ def _generate(a: argparse.Namespace) -> dict[str, Any]:
         storage_check.check_store(a.store)
     elif storage.is_local(a.out):
         storage_check.check_local_folder(a.out, "--out")
+    from charlm import prefect_server
+
+    prefect_server.ensure()
     from flows.generate import generate  # Prefect starts logging on import: after the checks
 
     cfg = GenerateConfig(
@@ -50,6 +53,9 @@ def _pipeline(a: argparse.Namespace) -> dict[str, Any]:
     from charlm.storage_check import check_ingest
 
     check_ingest(a.corpus, a.store)
+    from charlm import prefect_server
+
+    prefect_server.ensure()
     from flows.pipeline import pipeline  # Prefect starts logging on import: after the checks
 
     scaling = {"workers": a.workers, "use_gpu": a.gpu, "max_failures": a.max_failures}
@@ -89,12 +95,28 @@ def _print_pipeline(res: dict[str, Any], name: str) -> None:
     print(f"samples: {res['samples']['out']}", file=sys.stderr)
 
 
+def _prefect_ui_line() -> str:
+    """Where the flow runs can be seen: only a UI that is served is named."""
+    from charlm import prefect_server
+
+    st = prefect_server.status()
+    api = os.environ.get("PREFECT_API_URL")
+    if st["running"] and st["url"] == api:
+        ui = api.removesuffix("/api")
+        return f"Prefect UI:     {ui}   (charlm's local Prefect server; `charlm server stop` stops it)"
+    if api:
+        return f"Prefect API:    {api}   (its UI, where it serves one, lists the flow runs)"
+    return "Prefect:        the flow runs went to a temporary server that is gone now"
+
+
 def _demo(a: argparse.Namespace) -> dict[str, Any]:
-    from charlm import storage
+    from charlm import prefect_server, storage
     from charlm.config import TrainConfig
     from charlm.corpus import default_corpus_text
     from charlm.genjob import read_records
     from charlm.tracking import resolve_tracking_uri
+
+    prefect_server.ensure()
     from flows.pipeline import pipeline
 
     root = storage.store_root(a.store)
@@ -134,8 +156,7 @@ def _demo(a: argparse.Namespace) -> dict[str, Any]:
             f"\nregistered: models:/{a.name}/{res['trained']['version']}  (champion: models:/{a.name}@champion)\n"
             f"more samples:   charlm sample models:/{a.name}@champion --prime 'def ' --length 500\n"
             f"MLflow UI:      mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000   -> http://127.0.0.1:5000\n"
-            f"Prefect UI:     prefect server start --host 127.0.0.1   -> http://127.0.0.1:4200 (flow runs recorded there\n"
-            f"                after `prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api`; the demo used an ephemeral server)",
+            + _prefect_ui_line(),
             file=sys.stderr,
         )
     return {**res, "tracking_uri": uri, "sample_records": records}

@@ -31,6 +31,18 @@ import pytest
 _SESSION_TMP = tempfile.mkdtemp(prefix="charlm-tests-")
 atexit.register(shutil.rmtree, _SESSION_TMP, ignore_errors=True)
 
+
+def _stop_local_prefect_server() -> None:
+    """The local Prefect server a test's command started in the session's PREFECT_HOME (atexit
+    runs this before the folder is removed)."""
+    from charlm import prefect_server
+
+    os.environ["PREFECT_HOME"] = os.path.join(_SESSION_TMP, "prefect")
+    prefect_server.stop()
+
+
+atexit.register(_stop_local_prefect_server)
+
 os.environ["PREFECT_HOME"] = os.path.join(_SESSION_TMP, "prefect")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["DO_NOT_TRACK"] = "1"

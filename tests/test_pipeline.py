@@ -165,6 +165,14 @@ def test_prefect_yaml_deploys_against_a_local_server(tmp_path):
         server.wait(20)
 
 
+def _run_then_stop_prefect(argv: list[str], env: dict[str, str], **kw) -> subprocess.CompletedProcess:
+    """Run a command, then stop the local Prefect server it started in env's PREFECT_HOME."""
+    try:
+        return subprocess.run(argv, env=env, **kw)
+    finally:
+        subprocess.run([str(BIN / "charlm"), "server", "stop"], env=env, capture_output=True, timeout=60)
+
+
 @pytest.mark.slow
 def test_demo_runs_on_the_embedded_default(tmp_path):
     env = {
@@ -176,7 +184,7 @@ def test_demo_runs_on_the_embedded_default(tmp_path):
     env.pop("PREFECT_API_URL", None)
     env.pop("MLFLOW_TRACKING_URI", None)
     with netwatch.Watcher() as listening:
-        res = subprocess.run(
+        res = _run_then_stop_prefect(
             [
                 str(BIN / "charlm"),
                 "demo",
