@@ -47,9 +47,9 @@ def _runs(uri: str, exp_name: str) -> list[Any]:
     return client.search_runs([exp.experiment_id], run_view_type=ViewType.ALL) if exp else []
 
 
-def _assert_steps_go_on(client: MlflowClient, run_id: str, final_step: int) -> None:
+def _assert_steps_go_on(client: MlflowClient, run_id: str, final_step: int, log_every: int) -> None:
     """Every metric's steps, in the order they were logged, strictly increasing (no step logged
-    twice, none reset); the training metrics reach the final step."""
+    twice, none reset); the training metrics reach the final step, with no log step missing."""
     run = client.get_run(run_id)
     assert {"train_loss", "val_loss", "lr"} <= set(run.data.metrics)
     for key in run.data.metrics:
@@ -59,6 +59,8 @@ def _assert_steps_go_on(client: MlflowClient, run_id: str, final_step: int) -> N
         assert len(set(steps)) == len(history), f"{key}: a step logged twice: {sorted(steps)}"
     for key in ("train_loss", "val_loss"):
         assert max(m.step for m in client.get_metric_history(run_id, key)) == final_step
+    train_steps = sorted(m.step for m in client.get_metric_history(run_id, "train_loss"))
+    assert train_steps == list(range(log_every, final_step + 1, log_every))
 
 
 def _no_running(uri: str, exp_name: str) -> None:
@@ -232,7 +234,7 @@ def test_a_failed_run_ends_failed_and_its_rerun_continues_it_without_repeating_s
     } <= set(r.data.tags)
     assert r.data.tags["resumed_at_step"] == "20"
     assert r.data.params["max_steps"] == "60" and r.data.tags["resumed_param_changes"] == "max_steps"
-    _assert_steps_go_on(client, r.info.run_id, 80)
+    _assert_steps_go_on(client, r.info.run_id, 80, log_every=5)
 
 
 # -- the real thing: a driver process SIGKILLed and the same command run again --------------------------------
@@ -270,7 +272,7 @@ def _check_one_continued_run(uri: str, exp: str, killed_id: str, final_step: int
     (r,) = _runs(uri, exp)  # exactly one run for this config
     assert r.info.run_id == killed_id and r.info.status == "FINISHED"
     assert r.data.tags["charlm.attempt"] == "2" and "charlm.attempt.2.started" in r.data.tags
-    _assert_steps_go_on(_client(uri), r.info.run_id, final_step)
+    _assert_steps_go_on(_client(uri), r.info.run_id, final_step, log_every=10)  # the CLI's default
     _no_running(uri, exp)
 
 
