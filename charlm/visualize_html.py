@@ -4,7 +4,7 @@ The data travel compactly inside the page as one JSON block: probabilities as ui
 five shown probabilities never sum above the true total), top-5 ids as uint8/uint16, and cell
 activations (h and tanh(c), both in [-1, 1]) as uint8, one column per cell, all base64. A page
 holds every cell while n x cells fits ACT_BUDGET bytes; past that it holds the cells that rank
-best for some feature first, the random sample, then the rest by their best |r|, and says how
+best for some feature first (each feature's first, then second...), the random sample, then the rest by their best |r|, and says how
 many it holds. The script builds the character spans once and recolours them in one pass per
 animation frame, so a 10,000-character page stays responsive.
 """
@@ -42,8 +42,12 @@ def pick_cells(an: Analysis, budget: int = ACT_BUDGET) -> list[int]:
         return list(range(K))
     index = {lab: k for k, lab in enumerate(an.labels)}
     first: list[int] = []
-    for cells in an.best.values():
-        first += [index[(c.layer, c.kind, c.index)] for c in cells]
+    depth = max((len(cells) for cells in an.best.values()), default=0)
+    for rank in range(depth):  # every feature's best cell, then every feature's second...
+        first += [
+            index[(c.layer, c.kind, c.index)]
+            for c in (cells[rank] for cells in an.best.values() if len(cells) > rank)
+        ]
     first += [index[(s["layer"], s["kind"], s["cell"])] for s in an.sample]
     rs = [np.abs(r) for r in an.corr.values() if r is not None]
     best_r = np.max(rs, axis=0) if rs else np.zeros(K)
