@@ -39,7 +39,7 @@ CFG = TrainConfig(
     dropout=0.0,
     seq_len=32,
     batch_size=4,
-    max_steps=30,
+    max_steps=40,
     eval_every=10,
     log_every=10,
     eval_max_batches=2,
@@ -326,7 +326,7 @@ from charlm.config import TrainConfig
 from charlm.distributed import train_distributed
 out = train_distributed(TrainConfig.from_dict(json.loads(sys.argv[1])), sys.argv[2], store=sys.argv[3],
                         workers=2, max_failures=2, collective_timeout_s=30,
-                        rank_callbacks=ray_fixtures.slow_steps(0.1))
+                        rank_callbacks=ray_fixtures.slow_steps(0.2))
 with open(sys.argv[4], "w") as f:
     json.dump(out, f)
 """
@@ -392,7 +392,7 @@ def test_a_training_that_loses_a_worker_node_resumes_from_its_last_checkpoint(cl
     assert summary["steps"] == CFG.max_steps and summary["restarts"] >= 1
     attempts = summary["attempts"]
     assert attempts[0]["resumed_from_step"] is None
-    assert attempts[1]["resumed_from_step"] in (10, 20)  # from a checkpoint, not from scratch
+    assert attempts[1]["resumed_from_step"] in (10, 20, 30)  # from a checkpoint, not from scratch
     assert victim not in attempts[-1]["nodes"]  # the lost node hosts no worker after the restart
     assert len(set(attempts[-1]["nodes"])) == 2
     assert [e["step"] for e in summary["evals"]][-1] == CFG.max_steps
