@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -255,6 +256,13 @@ def _chromium() -> str | None:
     return None
 
 
+def _act_colour(q: int) -> str:
+    """The page's colour for a quantised activation q (its actPal), as computed styles print it."""
+    v = q / 127.5 - 1
+    w = math.floor(255 - 200 * abs(v) + 0.5)  # JS Math.round
+    return f"rgb(255, {w}, {w})" if v >= 0 else f"rgb({w}, {w}, 255)"
+
+
 class CDP:
     """The few DevTools protocol calls the test needs, over one page's websocket."""
 
@@ -379,6 +387,12 @@ def test_page_in_headless_chromium(tiny_run, tmp_path, browser, capsys):
     changed = sum(a != b for a, b in zip(before, after, strict=True))
     assert changed > 500, f"only {changed} of 2000 characters changed colour"
     assert len(set(after)) > 5  # activations, not one flat colour
+    # and they are the picked cell's activations, through the page's palette
+    data = _page_data(out.read_text(encoding="utf-8"))
+    best = next(f for f in data["features"] if "feat:" + f["name"] == option)["best"][0]
+    j = data["cells"].index([best["layer"], best["kind"], best["cell"]])
+    q = np.frombuffer(base64.b64decode(data["acts"]), np.uint8)[j * 10_000 : j * 10_000 + 2000]
+    assert after == [_act_colour(int(v)) for v in q]
     status = cdp.js("document.getElementById('status').textContent")
     assert "activation of L" in status, status
 
