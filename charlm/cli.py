@@ -457,6 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
         "charlm.cli_jobs",
         "charlm.cli_server",
         "charlm.cli_visualize",
+        "charlm.cli_sweep",
     ):
         try:
             mod = __import__(module, fromlist=["add_commands"])
