@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -415,3 +416,13 @@ def test_page_in_headless_chromium(tiny_run, tmp_path, browser, capsys):
     print(f"10,000 characters: load {load_s:.2f} s, recolour {recolour_s:.3f} s")
     if os.environ.get("CHARLM_VIZ_SCREENSHOT"):
         Path(os.environ["CHARLM_VIZ_SCREENSHOT"]).write_bytes(shot)
+
+
+def test_visualize_core_imports_no_frameworks():
+    code = (
+        "import sys, charlm.visualize, charlm.visualize_html;"
+        "bad = [m for m in ('ray', 'mlflow', 'prefect', 'fsspec', 's3fs', 'matplotlib') if m in sys.modules];"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
