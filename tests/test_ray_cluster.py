@@ -134,6 +134,31 @@ def test_a_port_that_accepts_but_is_no_gcs_fails_within_the_bound(monkeypatch):
     )
 
 
+def test_a_loopback_ray_address_is_joined_on_loopback_without_any_variable(monkeypatch):
+    """Ray outside its local-only mode rewrites 127.0.0.1 in RAY_ADDRESS to the host's routable
+    address, where a loopback-bound head never answers: ensure_ray switches that mode on itself."""
+    ray = pytest.importorskip("ray")
+    from ray._private import ray_constants, services
+
+    from charlm.distributed import session
+
+    if ray.is_initialized():
+        pytest.skip("Ray already runs in this process")
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", True)  # Ray's default on Linux
+    monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6390")
+
+    def stop_before_init(address: str) -> None:
+        raise DistributedTrainingError(f"checked {address}")
+
+    monkeypatch.setattr(session, "check_cluster", stop_before_init)
+    with pytest.raises(DistributedTrainingError, match=r"^checked 127\.0\.0\.1:6390$"):
+        session.ensure_ray()
+    assert os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
+    assert services.canonicalize_bootstrap_address("127.0.0.1:6390") == "127.0.0.1:6390"
+    assert services.get_node_ip_address() == "127.0.0.1"
+
+
 @pytest.mark.slow
 def test_charlm_train_with_a_dead_ray_address_fails_in_one_line_within_30_s(tmp_path):
     corpus = tmp_path / "c.txt"
