@@ -19,11 +19,9 @@ import json
 import os
 import sys
 import types
-from typing import Any
 
-from charlm.distributed import probe
 from charlm.distributed.errors import DistributedTrainingError
-from charlm.distributed.probe import is_loopback_address, split_address
+from charlm.distributed.probe import is_loopback_address, live_nodes
 from charlm.distributed.session import LOCAL_ONLY_ENV
 
 
@@ -55,23 +53,12 @@ def main(argv: list[str] | None = None) -> None:
 def nodes(address: str) -> None:
     """Print the cluster's live nodes (node_id, ip, port, head), one JSON object a line; exit 1 with
     one line on stderr when the cluster does not answer."""
-    if is_loopback_address(address):
-        os.environ[LOCAL_ONLY_ENV] = "0"
     try:
-        alive = _alive(address)
+        alive = live_nodes(address)
     except DistributedTrainingError as e:
         sys.exit(f"charlm: error: {e}")
     for n in alive:
         print(json.dumps(n))
-
-
-def _alive(address: str) -> list[dict[str, Any]]:
-    scheme, host, port = split_address(address)
-    if scheme or port is None:
-        raise DistributedTrainingError(f"{address}: give the GCS address HOST:PORT")
-    where = f"RAY_ADDRESS={address}"
-    probe._connect(where, host, port, probe.CONNECT_TIMEOUT_S, "the Ray head")
-    return probe._alive_nodes(where, f"{host}:{port}")
 
 
 def start(argv: list[str]) -> None:

@@ -72,11 +72,21 @@ def check_cluster(address: str) -> None:
         raise DistributedTrainingError(f"{where}: unknown scheme {scheme}://; {JOIN_HINT}")
     if port is None:
         return
-    _connect(where, host, port, CONNECT_TIMEOUT_S, "the Ray head")
     if scheme == "ray":
+        _connect(where, host, port, CONNECT_TIMEOUT_S, "the Ray head")
         return  # Ray Client: the driver runs on the cluster; the client server answered
-    nodes = _alive_nodes(where, f"{host}:{port}")
-    _check_local_node(where, nodes)
+    _check_local_node(where, live_nodes(address))
+
+
+def live_nodes(address: str) -> list[dict[str, Any]]:
+    """The live nodes ({node_id, ip, port, head}) of the cluster whose GCS is at HOST:PORT, each
+    question bounded as in check_cluster."""
+    scheme, host, port = split_address(address)
+    where = f"RAY_ADDRESS={address}"
+    if scheme or port is None:
+        raise DistributedTrainingError(f"{where}: not a GCS address HOST:PORT")
+    _connect(where, host, port, CONNECT_TIMEOUT_S, "the Ray head")
+    return _alive_nodes(where, f"{host}:{port}")
 
 
 def _connect(where: str, host: str, port: int, timeout: float, what: str) -> None:
