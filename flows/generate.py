@@ -48,7 +48,7 @@ def generate_job(
     model: str,
     prompts: str,
     out: str,
-    config: dict[str, Any],
+    cfg: GenerateConfig,
     workers: int,
     store: str | None,
     progress: bool,
@@ -59,7 +59,6 @@ def generate_job(
     from charlm.tracking import load_checkpoint_ref
 
     ck, label = load_checkpoint_ref(model, tracking_uri=tracking_uri, store=store)
-    cfg = GenerateConfig.from_dict(config)
     executor = local_executor
     if workers > 1:
         from charlm.distributed import generate_on_ray
@@ -97,7 +96,7 @@ def generate(
 
     cfg = GenerateConfig.from_dict(config or {})
     out = out or default_out(model, prompts, cfg.to_dict(), store)
-    manifest = generate_job(model, prompts, out, cfg.to_dict(), workers, store, progress, tracking_uri)
+    manifest = generate_job(model, prompts, out, cfg, workers, store, progress, tracking_uri)
     create_markdown_artifact(
         key="generation-summary",
         markdown=summary_markdown(manifest, read_records(out)),

@@ -30,10 +30,10 @@ def _generator_actor_class():
             self.sampler = Sampler(model, vocab, precision=precision, device=device, max_batch=batch)
             self.label = label
 
-        def run(self, records: list, cfg_dict: dict) -> list[dict]:
-            from charlm.generate import GenerateConfig, generate_records
+        def run(self, records: list, cfg: Any) -> list[dict]:
+            from charlm.generate import generate_records
 
-            return generate_records(self.sampler, records, GenerateConfig.from_dict(cfg_dict), self.label)
+            return generate_records(self.sampler, records, cfg, self.label)
 
     return Generator
 
@@ -61,7 +61,7 @@ def generate_on_ray(
     for si, (actor, records) in enumerate(zip(actors, shards, strict=True)):
         for bi, start in enumerate(range(0, len(records), cfg.batch_size)):
             part = records[start : start + cfg.batch_size]
-            pending[actor.run.remote(part, cfg.to_dict())] = (si, bi)
+            pending[actor.run.remote(part, cfg)] = (si, bi)
     results: dict[tuple[int, int], list[dict]] = {}
     try:
         while pending:
