@@ -290,14 +290,15 @@ def test_a_killed_local_driver_rerun_continues_the_same_mlflow_run(sqlite_tracki
         cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     _kill_when(first, lambda: (out / runs.LAST_FILE).is_file(), "first checkpoint")
-    killed_id = runs.read_json(str(out), runs.MLFLOW_FILE)["run_id"]
-    assert _client(sqlite_tracking).get_run(killed_id).info.status == "RUNNING"  # what a kill leaves
+    (killed,) = _runs(sqlite_tracking, exp)
+    assert killed.info.status == "RUNNING"  # what a kill leaves
 
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    _check_one_continued_run(sqlite_tracking, exp, killed_id, 200)
+    _check_one_continued_run(sqlite_tracking, exp, killed.info.run_id, 200)
     versions = _client(sqlite_tracking).search_model_versions(f"name = '{model}'")
-    assert [v.run_id for v in versions] == [killed_id]  # registered once, by the attempt that finished
+    assert [v.run_id for v in versions] == [killed.info.run_id]  # registered once, at the end
+    assert runs.read_json(str(out), runs.MLFLOW_FILE)["run_id"] == killed.info.run_id
 
 
 @pytest.mark.slow
@@ -322,13 +323,11 @@ def test_a_killed_ray_driver_rerun_continues_the_same_mlflow_run(sqlite_tracking
         )
 
         def checkpointed() -> bool:  # Ray has committed a checkpoint in the run folder
-            folders = [p.parent for p in store.glob(f"runs/*/{runs.MLFLOW_FILE}")]
-            return any(runs._snapshot_entries(str(f)) for f in folders)
+            return any(runs._snapshot_entries(str(f)) for f in store.glob("runs/*") if f.is_dir())
 
         _kill_when(first, checkpointed, "committed checkpoint", timeout=300)
-        (folder,) = [p.parent for p in store.glob(f"runs/*/{runs.MLFLOW_FILE}")]
-        killed_id = runs.read_json(str(folder), runs.MLFLOW_FILE)["run_id"]
-        assert _client(sqlite_tracking).get_run(killed_id).info.status == "RUNNING"
+        (killed,) = _runs(sqlite_tracking, exp)
+        assert killed.info.status == "RUNNING"  # what a kill leaves
 
         done = subprocess.run(
             cmd, env=env, capture_output=True, text=True, timeout=600, start_new_session=True
@@ -336,4 +335,6 @@ def test_a_killed_ray_driver_rerun_continues_the_same_mlflow_run(sqlite_tracking
         assert done.returncode == 0, done.stderr[-2000:]
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    _check_one_continued_run(sqlite_tracking, exp, killed_id, 200)
+    _check_one_continued_run(sqlite_tracking, exp, killed.info.run_id, 200)
+    (folder,) = [f for f in store.glob("runs/*") if f.is_dir()]
+    assert runs.read_json(str(folder), runs.MLFLOW_FILE)["run_id"] == killed.info.run_id
