@@ -188,15 +188,12 @@ class TrainConfig(_Config):
             raise ValueError("eval_every and log_every must be positive")
 
     def model_config(self, vocab_size: int) -> ModelConfig:
-        return ModelConfig(
-            vocab_size=vocab_size,
-            cell=self.cell,
-            num_layers=self.num_layers,
-            hidden_size=self.hidden_size,
-            embed_size=self.embed_size,
-            dropout=self.dropout,
-            weight_drop=self.weight_drop,
-        )
+        """The ModelConfig these fields describe. TrainConfig stays flat on purpose (one level of
+        JSON for Prefect's parameters, MLflow's params and Ray's config; run names are a hash of
+        that dict, so nesting would rename every existing run): it carries ModelConfig's fields
+        by name, which this reads, so neither restates the other's list."""
+        fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"vocab_size"}
+        return ModelConfig(vocab_size=vocab_size, **{k: getattr(self, k) for k in fields})
 
 
 @dataclass(frozen=True)

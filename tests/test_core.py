@@ -324,3 +324,16 @@ def test_core_imports_no_frameworks():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_train_config_carries_every_model_field() -> None:
+    """TrainConfig's model fields are ModelConfig's by name: a field added to ModelConfig without
+    one in TrainConfig (or a typo) fails here and in model_config(), not silently at train time."""
+    import dataclasses
+
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"vocab_size"}
+    assert model_fields <= {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(max_steps=1, hidden_size=96, num_layers=3, weight_drop=0.1, cell="gru")
+    m = cfg.model_config(40)
+    assert (m.vocab_size, m.hidden_size, m.num_layers, m.weight_drop, m.cell) == (40, 96, 3, 0.1, "gru")
+    assert all(getattr(m, k) == getattr(cfg, k) for k in model_fields)
