@@ -4,6 +4,7 @@ one JSON object on stdout at the end. Errors are one line on stderr and a non-ze
 from __future__ import annotations
 
 import argparse
+import builtins
 import json
 import logging
 import os
@@ -491,6 +492,11 @@ def quiet_framework_logs() -> None:
         logging.getLogger(name).setLevel(level)
 
 
+# OSError and its builtin subclasses: their message is "[Errno N] text: 'path'", said again in
+# charlm's words. charlm's own OSError subclasses (storage errors) already speak them.
+_PLAIN_OS_ERRORS = {c for c in vars(builtins).values() if isinstance(c, type) and issubclass(c, OSError)}
+
+
 def main(argv: list[str] | None = None) -> int:
     from charlm import telemetry
 
@@ -506,7 +512,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # one clear line; CHARLM_DEBUG=1 for the traceback
         if os.environ.get("CHARLM_DEBUG"):
             raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        from charlm.errors import first_line, os_error_line
+
+        msg = (os_error_line(e) if type(e) in _PLAIN_OS_ERRORS else None) or first_line(e)
         print(f"charlm: error: {msg}", file=sys.stderr)
         return 1
     if getattr(args, "json", False) and result is not None:

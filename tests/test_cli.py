@@ -260,3 +260,23 @@ def test_train_flags_come_from_the_config_fields() -> None:
     )
     assert (got.hidden_size, got.seq_len, got.lr, got.cell, got.max_epochs) == (96, 33, 0.01, "gru", 10)
     assert train_config_from_args(parser.parse_args(["train", "c", "--auto-shrink"])).auto_shrink is True
+
+
+def test_os_errors_in_charlms_words(monkeypatch, capsys) -> None:
+    """An OS error that escapes a command is said as '<path>: <what is wrong> (<errno text>)',
+    not Python's '[Errno 17] File exists: ...'."""
+    import errno
+
+    from charlm import cli
+    from charlm.errors import os_error_line
+
+    def boom(a):
+        raise FileExistsError(errno.EEXIST, "File exists", "/data/out")
+
+    monkeypatch.setattr(cli, "cmd_sample", boom)
+    assert cli.main(["sample", "whatever.pt"]) == 1
+    assert capsys.readouterr().err.strip() == "charlm: error: /data/out: already exists (File exists)"
+    assert os_error_line(NotADirectoryError(errno.ENOTDIR, "Not a directory", "/f/x")) == (
+        "/f/x: a part of the path is a file, not a folder (Not a directory)"
+    )
+    assert os_error_line(OSError("no path")) is None
