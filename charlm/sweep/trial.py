@@ -98,6 +98,19 @@ def _restored() -> dict[str, Any] | None:
         return ckpt_mod.load(os.path.join(d, runs.CKPT_FILE), name=f"{found.path}/{runs.CKPT_FILE}")
 
 
+def _finished(cfg: TrainConfig, ck: dict[str, Any], splits: dict[str, Any], label: str) -> bool:
+    """Whether a restored checkpoint is already at the run's end by charlm.train's own stop rule
+    (the driver died after the trial's last report, before Tune recorded it as finished)."""
+    from charlm.data import StreamBatcher, check_sizes
+
+    batch_size, _ = check_sizes(splits, cfg.batch_size, cfg.seq_len, auto_shrink=cfg.auto_shrink, name=label)
+    bpe = StreamBatcher(splits["train"], batch_size, cfg.seq_len, seed=cfg.seed).batches_per_epoch(
+        int(ck["epoch"])
+    )
+    epoch = int(ck["epoch"]) + int(ck["batch_in_epoch"]) / max(1, bpe)
+    return limit_reached(cfg, int(ck["step"]), epoch, float(ck.get("train_seconds", 0.0))) is not None
+
+
 def _child_run_id(setup: TrialSetup, trial_id: str) -> str | None:
     """The child run an earlier attempt of this trial opened (a restored sweep), if any."""
     from charlm.tracking import TrackingSession
@@ -127,6 +140,8 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     cfg = TrainConfig.from_dict({**setup.base_config, **config["train"]})
     vocab, splits, fp, label = _load_data(setup)
     resume = _restored()
+    if resume is not None and _finished(cfg, resume, splits, label):
+        return  # its last report (completed) stands; the driver ends its child run
     ctx = tune.get_context()
     trial_id = ctx.get_trial_id()
     callbacks: list[Callback] = []
