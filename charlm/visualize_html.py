@@ -308,6 +308,10 @@ box.addEventListener('mouseover', e => {
 });
 box.addEventListener('mouseleave', () => { tip.hidden = true; });
 $('legend').textContent = n + ' characters; ' + D.cells.length + ' of ' + D.total_cells + ' cells in this page; hover a character for the model\u2019s top ' + TOP + ' guesses for it';
+// a link can open the page on a view: #feat:NAME (that feature's best cell) or #cell:LAYER:KIND:INDEX
+const hash = decodeURIComponent(location.hash.slice(1));
+if (hash.startsWith('feat:') && [...mode.options].some(o => o.value === hash)) { mode.value = hash; mode.dispatchEvent(new Event('change')); }
+else if (/^cell:\d+:[hc]:\d+$/.test(hash)) { const [, l, k, c] = hash.split(':'); selectCell(l, k, c); }
 paintNow();
 window.charlmViz = {spans: spans, paintNow: paintNow, selectCell: selectCell, state: state, n: n};
 })();

@@ -414,6 +414,13 @@ def test_page_in_headless_chromium(tiny_run, tmp_path, browser, capsys):
     errors = [e for e in cdp.events if e.get("method") == "Runtime.exceptionThrown"]
     assert not errors, errors[0]
     print(f"10,000 characters: load {load_s:.2f} s, recolour {recolour_s:.3f} s")
+
+    # a link opens the page on a cell's view
+    cdp.call("Page.navigate", url="about:blank")
+    cdp.events.clear()
+    cdp.call("Page.navigate", url=out.as_uri() + "#cell:1:c:3")
+    cdp.wait_event("Page.loadEventFired", timeout=120)
+    assert cdp.js("document.getElementById('status').textContent").startswith("colour: activation of L1 c3")
     if os.environ.get("CHARLM_VIZ_SCREENSHOT"):
         Path(os.environ["CHARLM_VIZ_SCREENSHOT"]).write_bytes(shot)
 
