@@ -85,8 +85,9 @@ def _cell_scan(gates: torch.Tensor, c0: torch.Tensor) -> np.ndarray:
 
 @torch.no_grad()
 def trace(model: CharLM, ids: np.ndarray | torch.Tensor, text: str = "", top: int = TOP) -> Trace:
-    """Run `model` (eval, fp32) over ids as one stream from a zero state: see the module doc."""
-    model = model.eval()
+    """Run `model` over ids as one stream from a zero state, as its eval forward does (no dropout:
+    the layers are called with train=False; the model's own mode is left as it is); see the
+    module doc."""
     cfg = model.config
     device = next(model.parameters()).device
     x = torch.as_tensor(np.asarray(ids, dtype=np.int64), device=device)

@@ -150,6 +150,15 @@ def test_trace_equals_stepping_the_model(cell):
     assert tr.acts.shape == (120, 3 * len(kinds) * 24) and len(tr.labels) == tr.acts.shape[1]
 
 
+def test_trace_has_no_dropout_and_leaves_the_models_mode():
+    torch.manual_seed(0)
+    model = CharLM(ModelConfig(vocab_size=20, hidden_size=16, embed_size=8, num_layers=2, dropout=0.5))
+    ids = np.arange(60) % 20
+    training = V.trace(model.train(), ids)
+    assert model.training  # left as it was
+    np.testing.assert_array_equal(training.acts, V.trace(model.eval(), ids).acts)
+
+
 # ---------------------------------------------------------------------------------------------
 # the CLI end to end
 
