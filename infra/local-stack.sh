@@ -117,13 +117,18 @@ pg_start() {
   if running postgres; then return 0; fi
   data=$(pg_data)
   if [ ! -f "$data/PG_VERSION" ]; then
-    if [ "$(id -u)" = 0 ]; then chown "$PG_OS_USER" "$data"; fi
-    chmod 700 "$data"
+    [ -z "$(ls -A "$data")" ] || die "$data holds files but no PostgreSQL cluster: move it aside or set CHARLM_PG_DATA"
+    # the cluster is made in a folder beside it and renamed into place whole: a start stopped
+    # half-way leaves no half-made cluster behind
+    local init="$data.init"
+    rm -rf "$init" && mkdir -m 700 "$init"
+    if [ "$(id -u)" = 0 ]; then chown "$PG_OS_USER" "$init"; fi
     # trust on loopback only, no unix socket: the stack's other servers are unauthenticated on
     # loopback too; a shared server needs passwords (~/.pgpass) and its own auth (docs/deploy.md)
-    as_pg "$PG_BIN/initdb" -D "$data" -U "$PG_ROLE" --auth=trust -E UTF8 --locale=C >"$DIR/postgres-initdb.log" 2>&1 ||
-      die "initdb of $data failed (log: $DIR/postgres-initdb.log)"
-    printf "listen_addresses = '127.0.0.1'\nunix_socket_directories = ''\n" | as_pg tee -a "$data/postgresql.conf" >/dev/null
+    as_pg "$PG_BIN/initdb" -D "$init" -U "$PG_ROLE" --auth=trust -E UTF8 --locale=C >"$DIR/postgres-initdb.log" 2>&1 ||
+      die "initdb of $init failed (log: $DIR/postgres-initdb.log)"
+    printf "listen_addresses = '127.0.0.1'\nunix_socket_directories = ''\n" | as_pg tee -a "$init/postgresql.conf" >/dev/null
+    rmdir "$data" && mv "$init" "$data"
   fi
   # pg_ctl starts the server in a session of its own; its output goes to our log
   as_pg "$PG_BIN/pg_ctl" start -D "$data" -w -t 60 -o "-p $PG_PORT" >>"$DIR/postgres.log" 2>&1 ||
