@@ -61,7 +61,7 @@ def train_and_register(
             data,
             store=store,
             run_name=None,  # derived from the parameters: re-running resumes or returns it
-            extra_callbacks=tracked.callback_factory(),
+            on_run_folder=tracked.bind_folder,  # a rerun continues the MLflow run recorded there
             quiet=not progress,
             **scaling,
         )
