@@ -10,7 +10,7 @@
 #   MLFLOW_PORT                  port (default 5050; moto and mlflow both default to 5000)
 #   MLFLOW_BACKEND_STORE_URI     sqlite:///... (default sqlite:///$CHARLM_HOME/mlflow-server.db) or
 #                                postgresql://user@host:5432/db (password via ~/.pgpass or PGPASSWORD,
-#                                never in the URI; needs the psycopg2 package)
+#                                never in the URI; needs the postgres extra: psycopg 3, which SQLAlchemy 2.1 opens postgresql:// with)
 #   MLFLOW_ARTIFACTS_DESTINATION where the server keeps artifacts (default $CHARLM_STORE/mlflow-artifacts,
 #                                e.g. s3://bucket/prefix/mlflow-artifacts; clients upload through the server)
 #   MLFLOW_WORKERS               server worker processes (default 1: ~500 MB instead of ~2.5 GB)
