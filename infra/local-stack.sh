@@ -6,6 +6,7 @@
 # defaults.
 #
 #   infra/local-stack.sh start [--postgres]  # start them (idempotent), print the env
+#                                  (CHARLM_STACK_BACKEND=postgres does what --postgres does)
 #   infra/local-stack.sh env       # print the env again:  eval "$(infra/local-stack.sh env)"
 #   infra/local-stack.sh status    # each service's pid, and which pid serves each of its ports
 #   infra/local-stack.sh stop      # stop them cleanly (SIGTERM, then SIGKILL after 10 s; pg_ctl stop)
@@ -167,7 +168,7 @@ services() {  # NAME=PORT for each server of the stack with this backend
 }
 
 start() {
-  local backend=sqlite name
+  local backend=${CHARLM_STACK_BACKEND:-sqlite} name
   case "${1:-}" in
     --postgres) backend=postgres ;;
     "") ;;
