@@ -284,3 +284,45 @@ def test_a_killed_sweep_rerun_keeps_finished_trials_and_resumes_running_ones(cor
         for key in ("val_loss",) if r.data.tags.get("charlm.sweep.role") == "trial" else ():
             steps = [m.step for m in client.get_metric_history(r.info.run_id, key)]
             assert steps == sorted(set(steps))  # each evaluation logged once across the two drivers
+
+
+# -- the Prefect flow -----------------------------------------------------------------------------------------
+def test_the_flow_refuses_a_bad_space_before_ray_starts(tmp_path):
+    pytest.importorskip("prefect")
+    from flows.sweep import sweep_configs
+
+    with pytest.raises(SpaceError, match=r"^space: lr: loguniform needs lo > 0, got 0.0$"):
+        sweep_configs.fn(
+            "some-dataset", {"lr": {"loguniform": [0, 1]}}, base().to_dict(), store=str(tmp_path)
+        )
+    with pytest.raises(ValueError, match=r"^options: unknown key\(s\) \['trails'\]"):
+        sweep_configs.fn("some-dataset", {"lr": {"choice": [0.1]}}, base().to_dict(), {"trails": 2})
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+
+
+@pytest.mark.slow
+def test_the_flow_runs_a_sweep_and_registers_the_winner(corpus, tmp_path, prefect_harness):
+    pytest.importorskip("ray")
+    from mlflow import MlflowClient
+
+    from flows.sweep import sweep_configs
+
+    store = str(tmp_path / "store")
+    import ray
+
+    try:
+        out = sweep_configs(
+            corpus,
+            {"lr": {"grid": [3e-3, 1e-5]}},
+            base(max_steps=20).to_dict(),
+            {"scheduler": "fifo"},
+            register="flowswept",
+            store=store,
+        )
+    finally:
+        ray.shutdown()
+    assert [t["config"]["lr"] for t in out["trials"]] == [3e-3, 1e-5]
+    assert {t["ended"] for t in out["trials"]} == {"completed"}
+    client = MlflowClient(f"sqlite:///{store}/mlflow.db")  # the default beside a local store
+    mv = client.get_model_version("flowswept", str(out["mlflow"]["registered"]["version"]))
+    assert mv.tags["charlm.sweep.parent_run_id"] == out["mlflow"]["run_id"]
