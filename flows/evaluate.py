@@ -10,6 +10,10 @@ experiment `charlm-evaluations` and tags on the candidate version. With no champ
 candidate becomes champion without a comparison. If the alias moved while the comparison ran, the
 flow does not overwrite it (decision 'stale').
 
+Each evaluation also logs the candidate's `charlm visualize` page (charlm.tracking.visualize) to
+the run of that version, as visualize/NAME-vN.html, and links it as a Prefect artifact; a page
+that cannot be made is a warning, not a failed evaluation.
+
 Tasks get the tracking URI only when the caller passed one; otherwise each resolves it from the
 environment, so credentials in a URI never become Prefect parameters.
 """
@@ -19,10 +23,11 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NONE
 
 from charlm import tracking
+from charlm.errors import first_line
 from flows.retries import retry_if_transient
 
 DEFAULT_MARGIN = 0.01  # bits per character
@@ -79,6 +84,16 @@ def move_alias(
     if now != expected:
         return None
     return tracking.promote(name, version, alias=alias, tracking_uri=tracking_uri, store=store)
+
+
+@task(name="visualize-version", cache_policy=NONE)
+def visualize_version(
+    name: str, version: int, dataset: str, split: str, tracking_uri: str | None, store: str | None
+) -> dict[str, Any]:
+    """The `charlm visualize` page of the version on the dataset's split, logged to its run."""
+    from charlm.tracking.visualize import log_version_page
+
+    return log_version_page(name, version, dataset, split=split, tracking_uri=tracking_uri, store=store)
 
 
 @task(name="record-decision", cache_policy=NONE)
@@ -188,6 +203,7 @@ def evaluate_and_promote(
         if comparison["notes"]:
             reason += "; " + "; ".join(comparison["notes"])
     decision["alias_now"] = champ
+    decision["page"] = _page(name, cand, comparison["dataset"], split, tracking_uri, store)
     if promote_it:
         moved = move_alias(name, cand, alias, champ, tracking_uri, store)
         if moved is None:
@@ -207,6 +223,26 @@ def evaluate_and_promote(
         description=f"charlm evaluate-and-promote {name} v{cand}",
     )
     return decision
+
+
+def _page(
+    name: str, version: int, dataset: str, split: str, tracking_uri: str | None, store: str | None
+) -> str | None:
+    """The candidate's visualization page (an MLflow artifact of its run, and a Prefect link
+    artifact); a page that cannot be made is a warning, never a failed evaluation."""
+    log = get_run_logger()
+    try:
+        page = visualize_version(name, version, dataset, split, tracking_uri, store)
+    except Exception as e:
+        log.warning("%s v%s: no visualization page: %s", name, version, first_line(e))
+        return None
+    create_link_artifact(
+        key=f"visualize-{_artifact_key(name)}",
+        link=page["artifact_uri"],
+        link_text=f"{name} v{version}: what it predicts and what its cells track",
+        description=f"charlm visualize {name} v{version} on the {split} split of dataset {dataset}",
+    )
+    return page["artifact_uri"]
 
 
 def _artifact_key(name: str) -> str:
