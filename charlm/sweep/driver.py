@@ -84,6 +84,46 @@ def _check_same(record: dict[str, Any], key: dict[str, Any], folder: str) -> Non
         )
 
 
+def _check_args(
+    space: Space,
+    trials: int | None,
+    scheduler: str,
+    grace_period: int,
+    reduction_factor: float,
+    register: str | None,
+    track: bool,
+) -> int:
+    """The sweep's options checked before anything starts; the number of samples."""
+    if scheduler not in SCHEDULERS:
+        raise SweepError(f"scheduler {scheduler!r}: want one of {', '.join(SCHEDULERS)}")
+    if register is not None and not track:
+        raise SweepError(f"--register {register}: needs MLflow (drop --no-track)")
+    if grace_period < 1 or reduction_factor <= 1:
+        raise SweepError("--grace-period must be >= 1 and --reduction-factor > 1")
+    num_samples = trials if trials is not None else (1 if not space.has_random else 4)
+    if num_samples < 1:
+        raise SweepError(f"--trials {num_samples}: must be at least 1")
+    if register is not None:
+        from charlm.tracking import validate_model_name
+
+        validate_model_name(register)
+    return num_samples
+
+
+def _write_record(folder: str, name: str, corpus: str, key: dict[str, Any], parent: Any) -> None:
+    """sweep.json: the parameters and the parent MLflow run, before any trial starts."""
+    record = {
+        "format": 1,
+        "name": name,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "corpus": corpus,
+        "key": json.loads(json.dumps(key, default=str)),
+        "parent_run_id": parent.run_id if parent else None,
+        "tracking_uri": parent.shown_uri if parent else None,
+    }
+    runs.write_json(folder, SWEEP_FILE, record, indent=1)
+
+
 def run_sweep(
     corpus: str | refs.DataRef,
     base: TrainConfig,
@@ -106,19 +146,7 @@ def run_sweep(
     trial (ranked by best val loss), the winner and its registered version."""
     from charlm.distributed import ensure_ray, resolve_data
 
-    if scheduler not in SCHEDULERS:
-        raise SweepError(f"scheduler {scheduler!r}: want one of {', '.join(SCHEDULERS)}")
-    if register is not None and not track:
-        raise SweepError(f"--register {register}: needs MLflow (drop --no-track)")
-    if grace_period < 1 or reduction_factor <= 1:
-        raise SweepError("--grace-period must be >= 1 and --reduction-factor > 1")
-    num_samples = trials if trials is not None else (1 if not space.has_random else 4)
-    if num_samples < 1:
-        raise SweepError(f"--trials {num_samples}: must be at least 1")
-    if register is not None:
-        from charlm.tracking import validate_model_name
-
-        validate_model_name(register)
+    num_samples = _check_args(space, trials, scheduler, grace_period, reduction_factor, register, track)
     root = storage.store_root(store)
     data_ref = refs.resolve_data(corpus, root)
     spec, payload = resolve_data(data_ref, base, root)
@@ -152,16 +180,7 @@ def run_sweep(
             record, name, folder, data_ref, root, tracking_uri, experiment, space, key
         )
     if record is None or (parent is not None and record.get("parent_run_id") != parent.run_id):
-        record = {
-            "format": 1,
-            "name": name,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "corpus": data_ref.given,
-            "key": json.loads(json.dumps(key, default=str)),
-            "parent_run_id": parent.run_id if parent else None,
-            "tracking_uri": parent.shown_uri if parent else None,
-        }
-        runs.write_json(folder, SWEEP_FILE, record, indent=1)
+        _write_record(folder, name, data_ref.given, key, parent)
 
     setup = TrialSetup(
         base_config=base.to_dict(),
@@ -169,26 +188,12 @@ def run_sweep(
         data_spec=spec.__dict__.copy(),
         payload=payload,
         threads=max(1, int(cpus_per_trial)),
-        tracking_uri=parent.uri if parent else None,
-        experiment=parent.experiment if parent else None,
-        parent_run_id=parent.run_id if parent else None,
         child_tags={"dataset_id": spec.id} if spec.kind == "dataset" else {},
+        **(parent.trial_fields() if parent else {}),
     )
     t0 = time.perf_counter()
     try:
-        results = _fit(
-            setup,
-            space,
-            root,
-            name,
-            num_samples,
-            scheduler,
-            base,
-            grace_period,
-            reduction_factor,
-            cpus_per_trial,
-            max_failures,
-        )
+        results = _fit(setup, space, root, name, key, base, cpus_per_trial, max_failures)
         trials_out = report.collect(results, root)
         summary = {
             "sweep": name,
@@ -216,11 +221,8 @@ def _fit(
     space: Space,
     root: str,
     name: str,
-    num_samples: int,
-    scheduler: str,
+    key: dict[str, Any],
     base: TrainConfig,
-    grace_period: int,
-    reduction_factor: float,
     cpus_per_trial: float,
     max_failures: int,
 ) -> Any:
@@ -241,9 +243,9 @@ def _fit(
             trainable,
             param_space=space.tune_space(),
             tune_config=tune.TuneConfig(
-                num_samples=num_samples,
-                scheduler=_scheduler(scheduler, base, grace_period, reduction_factor),
-                **({"metric": "val_loss", "mode": "min"} if scheduler == "fifo" else {}),
+                num_samples=key["trials"],
+                scheduler=_scheduler(key["scheduler"], base, key["grace_period"], key["reduction_factor"]),
+                **({"metric": "val_loss", "mode": "min"} if key["scheduler"] == "fifo" else {}),
             ),
             run_config=tune.RunConfig(
                 name=name,

@@ -46,6 +46,10 @@ class Parent:
     def shown_uri(self) -> str:
         return self.tracked.info()["tracking_uri"]
 
+    def trial_fields(self) -> dict[str, Any]:
+        """What a trial needs to open its child run under this parent (TrialSetup's fields)."""
+        return {"tracking_uri": self.uri, "experiment": self.experiment, "parent_run_id": self.run_id}
+
     def fail(self, e: BaseException) -> None:
         """End the parent FAILED (KILLED on Ctrl-C) with the error's first line."""
         self.stack.__exit__(type(e), e, e.__traceback__)
