@@ -335,3 +335,34 @@ def test_the_flow_runs_a_sweep_and_registers_the_winner(corpus, tmp_path, prefec
     client = MlflowClient(f"sqlite:///{store}/mlflow.db")  # the default beside a local store
     mv = client.get_model_version("flowswept", str(out["mlflow"]["registered"]["version"]))
     assert mv.tags["charlm.sweep.parent_run_id"] == out["mlflow"]["run_id"]
+
+
+@pytest.mark.slow
+def test_a_sweep_in_an_s3_store_keeps_its_checkpoints_there(corpus, s3_bucket, tmp_path):
+    """Tune's storage through charlm's fsspec adapter (pyarrow's FSSpecHandler): trial checkpoints,
+    sweep.json and summary.json in the bucket; the winner registered from its S3 checkpoint."""
+    from charlm import storage
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cmd = [sys.executable, "-m", "charlm.cli", "sweep", corpus, "--grid", "lr=3e-3,1e-3", "--scheduler", "fifo",
+           "--store", s3_bucket, "--tracking-uri", uri, "--register", "s3swept", "--max-steps", "20", "--json",
+           *TINY]  # fmt: skip
+    env = {
+        **os.environ,
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "MLFLOW_ENABLE_TELEMETRY": "false",
+        "DO_NOT_TRACK": "1",
+    }
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = json.loads(out.stdout)
+    folder = f"{s3_bucket}/runs/sweeps/{summary['sweep']}"
+    assert summary["sweep_url"] == folder
+    assert [t["ended"] for t in summary["trials"]] == ["completed", "completed"]
+    for t in summary["trials"]:
+        assert t["best_checkpoint"].startswith(folder + "/") and storage.exists(t["best_checkpoint"])
+    assert storage.exists(f"{folder}/sweep.json") and storage.exists(f"{folder}/summary.json")
+    from mlflow import MlflowClient
+
+    mv = MlflowClient(uri).get_model_version("s3swept", "1")
+    assert mv.tags["charlm.sweep.parent_run_id"] == summary["mlflow"]["run_id"]
