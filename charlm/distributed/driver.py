@@ -102,7 +102,7 @@ def _open_run(
         return record, runs.read_json(url, runs.SUMMARY_FILE)
 
 
-def _ray_storage(root: str):
+def ray_storage(root: str) -> tuple[str, Any]:
     """(storage_path, storage_filesystem) for Ray's RunConfig, through charlm's storage adapter."""
     lp = storage.local_path(root)
     if lp is not None:
@@ -232,7 +232,7 @@ def _trainer(
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.train.v2.api.config import LoggingConfig
 
-    storage_path, storage_fs = _ray_storage(runs.runs_root(root))
+    storage_path, storage_fs = ray_storage(runs.runs_root(root))
     per_worker = {"CPU": cpus, **({"GPU": 1} if use_gpu else {})}
     return TorchTrainer(
         _train_loop_per_worker,

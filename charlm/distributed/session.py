@@ -3,7 +3,6 @@ the workers and actors against what the cluster has."""
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import socket
@@ -13,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from charlm.distributed.errors import DistributedTrainingError, first_line
-from charlm.distributed.probe import check_cluster, is_loopback_address
+from charlm.distributed.probe import check_cluster, is_loopback_address, is_loopback_host
 
 # Settings measured to halve a fit's start-up on a small machine (docs/distributed.md); the
 # caller's environment wins. Telemetry off.
@@ -158,7 +157,7 @@ def _rendezvous_on_loopback() -> None:
     def create_on_loopback(
         hostname: str, port: int, rank: int, world_size: int, timeout: Any, use_libuv: bool = True
     ) -> Any:
-        if rank != 0 or not _is_loopback(hostname):
+        if rank != 0 or not is_loopback_host(hostname):
             return create(hostname, port, rank, world_size, timeout, use_libuv)
         family = socket.AF_INET6 if ":" in hostname else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -177,15 +176,6 @@ def _rendezvous_on_loopback() -> None:
 
     create_on_loopback.charlm_loopback = True  # type: ignore[attr-defined]
     rendezvous._create_c10d_store = create_on_loopback
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _worker_setup() -> None:

@@ -23,6 +23,7 @@ from typing import Any
 
 from charlm import refs, runs, storage
 from charlm.config import TrainConfig
+from charlm.distributed.driver import ray_storage
 from charlm.sweep import report
 from charlm.sweep.space import Space
 from charlm.sweep.trial import TrialSetup, run_trial
@@ -46,18 +47,6 @@ def derive_sweep_name(key: dict[str, Any], data_id: str) -> str:
 
 def sweep_folder(name: str, store: str | None = None) -> str:
     return storage.Store.at(store).runs("sweeps", runs.check_run_name(name))
-
-
-def _ray_storage(url: str) -> tuple[str, Any]:
-    """(storage_path, storage_filesystem) for Tune's RunConfig, through charlm's storage adapter."""
-    lp = storage.local_path(url)
-    if lp is not None:
-        os.makedirs(lp, exist_ok=True)
-        return lp, None
-    import pyarrow.fs as pafs
-
-    fs, path = storage.filesystem(url)
-    return path, pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 
 def _scheduler(kind: str, base: TrainConfig, grace_period: int, reduction_factor: float) -> Any:
@@ -232,7 +221,7 @@ def _fit(
 
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"cpu": cpus_per_trial})
     folder = sweep_folder(name, root)
-    storage_path, fs = _ray_storage(storage.Store.at(root).runs("sweeps"))
+    storage_path, fs = ray_storage(storage.Store.at(root).runs("sweeps"))
     tune_path = f"{storage_path.rstrip('/')}/{name}"
     if tune.Tuner.can_restore(tune_path, storage_filesystem=fs):
         tuner = tune.Tuner.restore(
