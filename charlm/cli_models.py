@@ -65,6 +65,14 @@ def add_commands(subparsers: Any) -> None:
     )
     c.add_argument("--batch-size", type=int, default=16, help="evaluation streams (default %(default)s)")
     c.add_argument("--seq-len", type=int, default=256, help="evaluation chunk length (default %(default)s)")
+    c.add_argument(
+        "--cells",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also name each version's best cell per text feature over the split's first N characters "
+        "(charlm visualize; default 0: off)",
+    )
     _common(c)
     c.set_defaults(func=cmd_compare)
 
@@ -134,6 +142,7 @@ def cmd_compare(args: argparse.Namespace) -> dict[str, Any]:
         max_chars=args.max_chars,
         batch_size=args.batch_size,
         seq_len=args.seq_len,
+        cells=args.cells,
         tracking_uri=args.tracking_uri,
         store=args.store,
     )
@@ -165,6 +174,14 @@ def render_compare(r: dict[str, Any]) -> str:
         + "\n"
         + table(("rank", "version", "aliases", "bpc", "loss", "chars", "coverage", "trained on"), rows)
     )
+    for x in r["results"]:
+        if x.get("best_cells"):
+            named = [
+                f"{k} L{c['layer']} {c['kind']}{c['cell']} {c['r']:+.2f}"
+                for k, c in x["best_cells"].items()
+                if c
+            ]
+            text += f"\nversion {x['version']} best cells: " + ", ".join(named)
     if r["notes"]:
         text += "\n" + "\n".join(f"* {n}" for n in r["notes"])
     return text

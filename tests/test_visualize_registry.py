@@ -92,3 +92,46 @@ def test_the_evaluate_flow_logs_the_candidates_page(registered, prefect_harness)
     data = json.loads(re.search(r'id="data">(.*?)</script>', page, re.S).group(1))
     assert data["meta"]["model"] == f"models:/{name}/1" and data["meta"]["dataset"] == registered["dataset"]
     assert 0 < len(data["text"]) <= 10_000
+
+
+@pytest.mark.slow
+def test_models_compare_names_each_versions_best_cells(registered, tmp_path, monkeypatch, capsys):
+    from charlm.cli import main
+    from charlm.datasets import open_dataset
+
+    name, uri, store = registered["name"], registered["uri"], registered["store"]
+    common = ["--tracking-uri", uri, "--store", store]
+    capsys.readouterr()
+    assert main(["models", "compare", name, "1", "--cells", "600", *common, "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)["results"][0]["best_cells"]
+    # the same cells `charlm visualize` finds on the same 600 characters
+    ds = open_dataset(registered["dataset"], store)
+    text = tmp_path / "split.txt"
+    text.write_text(ds.vocab.decode(ds.splits["test"][:600]), encoding="utf-8")
+    out = tmp_path / "p.html"
+    args = [
+        "visualize",
+        f"models:/{name}/1",
+        "--text",
+        str(text),
+        "--out",
+        str(out),
+        "--store",
+        store,
+        "--json",
+    ]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert main(args) == 0
+    want = json.loads(capsys.readouterr().out)["features"]
+    assert set(got) == set(want)
+    for k, f in want.items():
+        assert got[k] == (f["best"][0] if f["best"] else None), k
+    assert main(["models", "compare", name, "1", "--cells", "600", *common]) == 0
+    printed = capsys.readouterr().out
+    first = next(k for k, c in got.items() if c)
+    assert (
+        f"version 1 best cells: {first} L{got[first]['layer']} {got[first]['kind']}{got[first]['cell']}"
+        in printed
+    )
+    assert main(["models", "compare", name, "1", *common, "--json"]) == 0  # off by default
+    assert "best_cells" not in json.loads(capsys.readouterr().out)["results"][0]

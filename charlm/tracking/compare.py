@@ -40,10 +40,13 @@ def compare_versions(
     max_chars: int | None = None,
     batch_size: int = 16,
     seq_len: int = 256,
+    cells: int = 0,
     tracking_uri: str | None = None,
     store: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate versions (numbers or @aliases; default all) on one held-out split of one dataset.
+    With cells > 0, each entry also names the version's best cell per feature of the text
+    (charlm.visualize) over the split's first `cells` characters it can read.
 
     The dataset is the named one, else the champion's, else the one all the versions were trained
     on. Every version sees the same characters in the same stream layout (fp32, state carried
@@ -71,7 +74,7 @@ def compare_versions(
 
     results, notes = [], []
     for v in nums:
-        entry, note = _score_version(s, name, v, ds, ids, split, batch_size, seq_len)
+        entry, note = _score_version(s, name, v, ds, ids, split, batch_size, seq_len, cells)
         entry = {
             "version": v,
             "aliases": sorted(aliases.get(v, [])),
@@ -136,7 +139,15 @@ def _held_out(dataset: str, store: str | None, split: str, max_chars: int | None
 
 
 def _score_version(
-    s: TrackingSession, name: str, v: int, ds: Any, ids: np.ndarray, split: str, batch_size: int, seq_len: int
+    s: TrackingSession,
+    name: str,
+    v: int,
+    ds: Any,
+    ids: np.ndarray,
+    split: str,
+    batch_size: int,
+    seq_len: int,
+    cells: int = 0,
 ) -> tuple[dict[str, Any], str | None]:
     """(the score fields of version v's entry, a note on what it could not score or None)."""
     from charlm import checkpoint
@@ -157,6 +168,8 @@ def _score_version(
         "bpc": sc.bpc,
         "chars_scored": sc.chars_scored,
     }
+    if cells > 0:
+        entry["best_cells"] = _best_cells(model, vocab, ds.vocab.decode(ids[: 2 * cells]), cells)
     if sc.loss is None:
         return (
             entry,
@@ -169,6 +182,18 @@ def _score_version(
             f"({sc.chars_skipped} of {len(ids)} characters removed: {shown})"
         )
     return entry, None
+
+
+def _best_cells(model: Any, vocab: Any, text: str, chars: int) -> dict[str, dict[str, Any] | None]:
+    """Each feature's best cell (layer, kind, cell, r) over the first `chars` characters of text
+    the model's vocabulary encodes; None for a feature constant there."""
+    from charlm import visualize
+
+    kept = "".join(c for c in text if c in vocab)[:chars]
+    if len(kept) < 2:
+        return {}
+    an = visualize.analyze(model, vocab.encode(kept), kept, best=1, sample=0)
+    return {k: (cells[0].to_dict() if cells else None) for k, cells in an.best.items()}
 
 
 # -- evaluation records (flows/evaluate.py) ------------------------------------------------------------------------------
