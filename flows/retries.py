@@ -1,4 +1,5 @@
-"""Retry policy shared by the flows' storage-touching tasks."""
+"""What the flows share: the retry policy of their storage-touching tasks, and the check of a
+dict parameter's keys."""
 
 from __future__ import annotations
 
@@ -17,3 +18,12 @@ def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
     except Exception as e:
         return storage.is_transient(e) and not isinstance(e, storage.StorageUnreachableError)
     return False
+
+
+def known_keys(what: str, given: dict[str, Any] | None, known: tuple[str, ...]) -> dict[str, Any]:
+    """A copy of a dict parameter, refused in one line when it holds a key not in `known`."""
+    given = dict(given or {})
+    unknown = set(given) - set(known)
+    if unknown:
+        raise ValueError(f"{what}: unknown key(s) {sorted(unknown)}; known: {', '.join(known)}")
+    return given

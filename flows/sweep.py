@@ -21,6 +21,7 @@ from prefect.cache_policies import NONE
 
 from charlm.config import TrainConfig
 from charlm.refs import DataRef, resolve_data
+from flows.retries import known_keys
 
 OPTION_KEYS = (
     "trials",
@@ -31,14 +32,6 @@ OPTION_KEYS = (
     "max_failures",
     "name",
 )
-
-
-def _options(options: dict[str, Any] | None) -> dict[str, Any]:
-    options = dict(options or {})
-    unknown = set(options) - set(OPTION_KEYS)
-    if unknown:
-        raise ValueError(f"options: unknown key(s) {sorted(unknown)}; known: {', '.join(OPTION_KEYS)}")
-    return options
 
 
 @task(name="run-sweep", cache_policy=NONE)
@@ -91,7 +84,7 @@ def sweep_configs(
 
     base = TrainConfig.from_dict(config or {})
     parse_space(space, "space", base)  # refused before Ray starts
-    opts = _options(options)
+    opts = known_keys("options", options, OPTION_KEYS)
     ref = resolve_data(dataset, store)
     ensure_ray()  # the flow's main thread
     out = sweep_task(ref, base.to_dict(), space, opts, register, store)

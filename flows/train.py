@@ -23,6 +23,7 @@ from prefect.cache_policies import NONE
 
 from charlm.config import TrainConfig
 from charlm.refs import DataRef, resolve_data
+from flows.retries import known_keys
 
 SCALING_KEYS = (
     "workers",
@@ -53,14 +54,6 @@ RESULT_KEYS = (
     "resumed_from_step",
     "already_finished",
 )
-
-
-def _scaling(scaling: dict[str, Any] | None) -> dict[str, Any]:
-    scaling = dict(scaling or {})
-    unknown = set(scaling) - set(SCALING_KEYS)
-    if unknown:
-        raise ValueError(f"scaling: unknown key(s) {sorted(unknown)}; known: {', '.join(SCALING_KEYS)}")
-    return scaling
 
 
 @task(name="train-distributed", cache_policy=NONE)
@@ -125,7 +118,7 @@ def train_model(
     from charlm.distributed import ensure_ray
 
     cfg = TrainConfig.from_dict(dict(config or {"max_epochs": 10})).to_dict()
-    sc = _scaling(scaling)
+    sc = known_keys("scaling", scaling, SCALING_KEYS)
     data = resolve_data(dataset, store)  # once, at the flow's edge
     if getattr(data, "note", None):
         get_run_logger().warning(data.note)
