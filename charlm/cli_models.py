@@ -162,6 +162,7 @@ def render_compare(r: dict[str, Any]) -> str:
             x["chars_scored"],
             f"{100 * x['coverage']:.1f}%" + ("" if x["same_vocab"] else " *"),
             (x["trained_on"] or "")[:12],
+            x.get("sweep") or "-",
         )
         for x in r["results"]
     ]
@@ -172,7 +173,9 @@ def render_compare(r: dict[str, Any]) -> str:
     text = (
         head
         + "\n"
-        + table(("rank", "version", "aliases", "bpc", "loss", "chars", "coverage", "trained on"), rows)
+        + table(
+            ("rank", "version", "aliases", "bpc", "loss", "chars", "coverage", "trained on", "sweep"), rows
+        )
     )
     for x in r["results"]:
         if x.get("best_cells"):

@@ -159,13 +159,13 @@ def ensure() -> str | None:
     for (CHARLM_PREFECT_SERVER=ephemeral). A PREFECT_API_URL already set is left as it is."""
     if os.environ.get("PREFECT_API_URL"):
         return os.environ["PREFECT_API_URL"]
+    timeout = _start_timeout()  # a bad setting is refused wherever the server would come from
     if "prefect" in sys.modules:  # e.g. inside prefect_test_harness: its server is the one to use
         from prefect.settings import get_current_settings
 
         current = get_current_settings().api.url
         if current:
             return str(current)
-    timeout = _start_timeout()
     if os.environ.get(MODE_ENV, "").lower() == "ephemeral":
         os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(int(timeout)))
         return None

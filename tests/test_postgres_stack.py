@@ -122,7 +122,9 @@ def test_registry_and_flows_on_the_postgres_stack(tmp_path) -> None:
 
         from mlflow import MlflowClient
 
-        client = MlflowClient(tracking_uri=cli["MLFLOW_TRACKING_URI"])
+        client = MlflowClient(
+            tracking_uri=cli["MLFLOW_TRACKING_URI"], registry_uri=cli["MLFLOW_TRACKING_URI"]
+        )
         versions = client.search_model_versions(f"name = '{model}'")
         assert [int(v.version) for v in versions] == [1]
         assert int(client.get_model_version_by_alias(model, "champion").version) == 1

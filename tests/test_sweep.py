@@ -182,7 +182,7 @@ def test_children_nest_under_the_parent_and_say_how_they_ended(asha_sweep):
     from mlflow import MlflowClient
 
     summary, _, _, uri = asha_sweep
-    client = MlflowClient(uri)
+    client = MlflowClient(uri, registry_uri=uri)
     parent = client.get_run(summary["mlflow"]["run_id"])
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["charlm.sweep.role"] == "parent"
@@ -213,12 +213,12 @@ def test_children_nest_under_the_parent_and_say_how_they_ended(asha_sweep):
 
 
 @pytest.mark.slow
-def test_the_winner_is_registered_with_its_sweep_and_no_alias(asha_sweep):
+def test_the_winner_is_registered_with_its_sweep_and_no_alias(asha_sweep, corpus):
     from mlflow import MlflowClient
 
     summary, again, _, uri = asha_sweep
     reg = summary["mlflow"]["registered"]
-    client = MlflowClient(uri)
+    client = MlflowClient(uri, registry_uri=uri)
     mv = client.get_model_version("swept", str(reg["version"]))
     assert mv.run_id == summary["winner"]["mlflow_run_id"]
     assert mv.tags["charlm.sweep.parent_run_id"] == summary["mlflow"]["run_id"]
@@ -229,6 +229,16 @@ def test_the_winner_is_registered_with_its_sweep_and_no_alias(asha_sweep):
     # the same command again: the finished sweep is returned, nothing trained or registered again
     assert again["already_finished"] is True and again["sweep"] == summary["sweep"]
     assert len(client.search_model_versions("name = 'swept'")) == 1
+    # charlm models compare says which sweep the version came from
+    from charlm import ingest
+    from charlm.tracking import compare_versions
+
+    store = asha_sweep[2]
+    held_out = ingest.ingest(corpus, store)["id"]  # the sweep's corpus, published to score on
+    compared = compare_versions(
+        "swept", [int(reg["version"])], dataset=held_out, tracking_uri=uri, store=store
+    )
+    assert compared["results"][0]["sweep"] == summary["sweep"]
 
 
 @pytest.mark.slow
@@ -287,7 +297,7 @@ def test_a_killed_sweep_rerun_keeps_finished_trials_and_resumes_running_ones(cor
 
     from mlflow import MlflowClient
 
-    client = MlflowClient(uri)
+    client = MlflowClient(uri, registry_uri=uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(runs) == 3 and {r.info.status for r in runs} == {"FINISHED"}  # parent + 2 children
     for r in runs:
@@ -332,7 +342,9 @@ def test_the_flow_runs_a_sweep_and_registers_the_winner(corpus, tmp_path, prefec
         ray.shutdown()
     assert [t["config"]["lr"] for t in out["trials"]] == [3e-3, 1e-5]
     assert {t["ended"] for t in out["trials"]} == {"completed"}
-    client = MlflowClient(f"sqlite:///{store}/mlflow.db")  # the default beside a local store
+    client = MlflowClient(
+        db := f"sqlite:///{store}/mlflow.db", registry_uri=db
+    )  # the default beside a local store
     mv = client.get_model_version("flowswept", str(out["mlflow"]["registered"]["version"]))
     assert mv.tags["charlm.sweep.parent_run_id"] == out["mlflow"]["run_id"]
 
@@ -364,5 +376,5 @@ def test_a_sweep_in_an_s3_store_keeps_its_checkpoints_there(corpus, s3_bucket, t
     assert storage.exists(f"{folder}/sweep.json") and storage.exists(f"{folder}/summary.json")
     from mlflow import MlflowClient
 
-    mv = MlflowClient(uri).get_model_version("s3swept", "1")
+    mv = MlflowClient(uri, registry_uri=uri).get_model_version("s3swept", "1")
     assert mv.tags["charlm.sweep.parent_run_id"] == summary["mlflow"]["run_id"]

@@ -80,6 +80,7 @@ def compare_versions(
             "aliases": sorted(aliases.get(v, [])),
             "trained_on": infos[v]["tags"].get("dataset_id"),
             "registered_val_bpc": _float_or_none(infos[v]["tags"].get("val_bpc")),
+            "sweep": infos[v]["tags"].get("charlm.sweep"),  # the sweep it won, if it came from one
             **entry,
         }
         results.append(entry)
