@@ -368,6 +368,7 @@ def cmd_sample(a: argparse.Namespace) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Long (~110 lines) because it is a list: each subcommand's flags, declared once, in order.
     parser = argparse.ArgumentParser(
         prog="charlm",
         description="Character-level language models: ingest corpora, train (locally or on Ray), track in MLflow, generate.",

@@ -220,6 +220,8 @@ def evaluate(
     return total / max(1, count), count
 
 
+# The one training loop, long on purpose (~160 lines): its step reads top to bottom, and splitting
+# it would scatter the state (model, optimizer, stream states, EMA, stop rule) its callbacks see.
 def train(
     cfg: TrainConfig,
     vocab: Vocab,

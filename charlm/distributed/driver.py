@@ -114,6 +114,7 @@ def ray_storage(root: str) -> tuple[str, Any]:
     return path, pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 
+# ~80 lines, most of them the documented parameters; the body is a sequence of calls.
 def train_distributed(
     cfg: TrainConfig,
     data_ref: str | refs.DataRef,

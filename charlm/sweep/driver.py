@@ -113,6 +113,8 @@ def _write_record(folder: str, name: str, corpus: str, key: dict[str, Any], pare
     runs.write_json(folder, SWEEP_FILE, record, indent=1)
 
 
+# ~90 lines: the sweep's steps (name, resume, Tuner, parent run, trials, winner, publish) in the
+# order they happen; each is a call, the length is the sequence.
 def run_sweep(
     corpus: str | refs.DataRef,
     base: TrainConfig,
