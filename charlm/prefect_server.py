@@ -252,12 +252,15 @@ def serve(port: int) -> int:
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
     url = f"http://127.0.0.1:{port}/api"
+    started = time.time()
     while child.poll() is None:
         time.sleep(min(30.0, max(1.0, idle_s / 10)))
         try:
             last = _state_file().stat().st_mtime
         except OSError:
-            last = time.time()  # not recorded yet (starting) or removed by stop(): no idle stop
+            # Not recorded yet (starting), or gone: stop() removed it or its Prefect home was
+            # deleted. Past the start-up time, nothing can find this server any more: stop.
+            last = started if time.time() - started < DEFAULT_START_TIMEOUT + 60 else 0.0
         if time.time() - last > idle_s and not _busy(url):
             child.terminate()
             with contextlib.suppress(FileNotFoundError):
