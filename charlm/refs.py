@@ -213,13 +213,6 @@ def resolve_model(ref: str | ModelRef, store: str | None = None, which: str = "b
 
 def load_checkpoint(ref: CheckpointRef) -> dict[str, Any]:
     """The validated checkpoint dict of a file reference (local file directly, a URL as bytes)."""
-    from charlm import checkpoint
+    from charlm import runs
 
-    if "://" not in ref.url and "::" not in ref.url:
-        return checkpoint.load(ref.url, name=ref.url)
-    from charlm import storage
-
-    lp = storage.local_path(ref.url)
-    if lp is not None:
-        return checkpoint.load(lp, name=ref.url)
-    return checkpoint.load(storage.read_bytes(ref.url), name=ref.url)
+    return runs.read_checkpoint_file(ref.url)

@@ -228,13 +228,22 @@ def find_checkpoint(ref: str, which: str = "best", store: str | None = None) -> 
     )
 
 
-def load_checkpoint(ref: str, which: str = "best", store: str | None = None) -> tuple[dict[str, Any], str]:
-    """(checkpoint dict, its URL) for `find_checkpoint(ref, which, store)`, read through the storage
-    adapter (local files directly; object stores as bytes)."""
-    from charlm import checkpoint, storage
+def read_checkpoint_file(url: str) -> dict[str, Any]:
+    """The validated checkpoint at a path or store URL: a plain path is read without the storage
+    extra; a URL through the storage adapter (a local one directly, an object store as bytes)."""
+    from charlm import checkpoint
 
-    url = find_checkpoint(ref, which, store)
+    if not _is_url(url):
+        return checkpoint.load(url, name=url)
+    from charlm import storage
+
     lp = storage.local_path(url)
     if lp is not None:
-        return checkpoint.load(lp, name=url), url
-    return checkpoint.load(storage.read_bytes(url), name=url), url
+        return checkpoint.load(lp, name=url)
+    return checkpoint.load(storage.read_bytes(url), name=url)
+
+
+def load_checkpoint(ref: str, which: str = "best", store: str | None = None) -> tuple[dict[str, Any], str]:
+    """(checkpoint dict, its URL) for `find_checkpoint(ref, which, store)`."""
+    url = find_checkpoint(ref, which, store)
+    return read_checkpoint_file(url), url
